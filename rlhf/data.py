@@ -7,6 +7,8 @@ Field names are the ones TRL users already have in their data:
     preferences     {"prompt", "chosen", "rejected", "margin"?, "labeler"?}
     rankings        {"prompt", "completions": [best, ..., worst], "labeler"?}
     ratings         {"prompt", "completion", "label"}   label: 0/1 (thumbs) or a number (a score)
+    candidates      {"prompt", "candidates": [{"completion", "model", "sampling": {...}}, ...]}
+                    (what `rlhf generate` writes and the labeling app reads)
 
 Sources: a local .jsonl / .json / .csv / .parquet file, or a dataset name on the Hugging Face hub
 (`name` or `name:split`, read with `datasets.load_dataset`). Extra fields are ignored; a malformed
@@ -75,6 +77,26 @@ class Rating:
     label: float
     source: str
     labeler: str | None = None
+
+
+@dataclass
+class Candidate:
+    completion: str
+    model: str
+    sampling: dict
+    """The settings it was sampled with: temperature, top_p, top_k, max_new_tokens, seed."""
+
+
+@dataclass
+class Candidates:
+    """The completions offered to labelers for one prompt."""
+
+    prompt: str
+    candidates: list[Candidate]
+    source: str
+
+    def to_record(self) -> dict:
+        return {"prompt": self.prompt, "candidates": [vars(c) for c in self.candidates]}
 
 
 # ---------------------------------------------------------------- reading raw records
@@ -300,6 +322,25 @@ def parse_feedback(record: Any, where: str) -> Comparison | Rating:
     raise DataError(where, "missing: a record needs 'chosen'/'rejected', 'completions' or 'completion'/'label'", "chosen")
 
 
+def parse_candidates(record: Any, where: str) -> Candidates:
+    record = _object(record, where)
+    prompt = _text(record, "prompt", where)
+    items = record.get("candidates")
+    if not isinstance(items, list) or not items:
+        raise DataError(where, "expected a non-empty list of {completion, model, sampling}", "candidates")
+    candidates = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DataError(where, "expected an object", f"candidates[{i}]")
+        if not isinstance(item.get("completion"), str):
+            raise DataError(where, "missing or not a string", f"candidates[{i}].completion")
+        sampling = item.get("sampling", {})
+        if not isinstance(sampling, dict):
+            raise DataError(where, "expected an object", f"candidates[{i}].sampling")
+        candidates.append(Candidate(item["completion"], str(item.get("model", "")), sampling))
+    return Candidates(prompt, candidates, where)
+
+
 # ---------------------------------------------------------------- loading whole files
 
 T = TypeVar("T")
@@ -345,6 +386,10 @@ def load_prompts(sources, skip_invalid: bool = False) -> Loaded:
 
 def load_feedback(sources, skip_invalid: bool = False) -> Loaded:
     return load(sources, parse_feedback, skip_invalid)
+
+
+def load_candidates(sources, skip_invalid: bool = False) -> Loaded:
+    return load(sources, parse_candidates, skip_invalid)
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:
