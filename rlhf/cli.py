@@ -2,6 +2,8 @@
 
     rlhf sft      --config recipes/demo.yaml [section.key=value ...]
     rlhf reward   --config recipes/demo.yaml [section.key=value ...]
+    rlhf ppo      --config recipes/demo.yaml [section.key=value ...]
+    rlhf eval     --config recipes/demo.yaml [section.key=value ...]
     rlhf score    --reward runs/demo/reward/model --input samples.jsonl --out scored.jsonl
     rlhf pipeline recipes/demo.yaml [section.key=value ...]
     rlhf demo data --out DIR          rlhf demo base --out DIR
@@ -22,6 +24,8 @@ from rlhf.data import DataError
 STAGE_HELP = {
     "sft": "supervised fine-tuning on demonstrations",
     "reward": "train a reward model on pairs, rankings or ratings",
+    "ppo": "optimise the policy against a reward source with PPO",
+    "eval": "compare policies on held-out prompts and write report.md",
 }
 
 
@@ -101,7 +105,8 @@ def run(args: argparse.Namespace) -> None:
         recipe = load_recipe(_recipe_class(), args.config, args.overrides)
         pipeline.run_stage(recipe, args.command)
     elif args.command == "pipeline":
-        pipeline.run(load_recipe(_recipe_class(), args.recipe, args.overrides))
+        report = pipeline.run(load_recipe(_recipe_class(), args.recipe, args.overrides))
+        print(f"\nreport: {report}")
     elif args.command == "score":
         from rlhf.scoring import RewardSourceConfig, load_reward_source, score_file
 

@@ -141,35 +141,48 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float = 0.2,
+    num_tokens: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate objective [S17], as a loss to minimise, averaged over masked tokens.
 
-    Returns (loss, stats) with stats: clipfrac (fraction of tokens whose ratio was clipped) and
-    approx_kl (the k3 estimate of KL(old || new) [Sch20]).
+    `num_tokens` is the count the mean divides by (default: the mask's own). Passing the token
+    count of a whole minibatch makes the losses of its shards (micro-batches, processes) sum to
+    the loss of the minibatch. Returns (loss, stats) with stats: clipfrac (share of tokens whose
+    ratio was clipped) and approx_kl (the k3 estimate of KL(old || new) [Sch20]).
     """
+    n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_sum(torch.maximum(unclipped, clipped), mask) / n
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "clipfrac": masked_sum((clipped > unclipped).float(), mask) / n,
+            "approx_kl": masked_sum(ratio - 1 - log_ratio, mask) / n,
         }
     return loss, stats
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    num_tokens: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss 0.5 * max((V - R)^2, (V_clip - R)^2) [Z19, H24], averaged over masked tokens."""
+    """Clipped value loss 0.5 * max((V - R)^2, (V_clip - R)^2) [Z19, H24], averaged over masked tokens.
+
+    V_clip = V_old + clip(V - V_old, -clip, clip); `num_tokens` as in `policy_loss`.
+    """
+    n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
+    loss = 0.5 * masked_sum(torch.maximum(unclipped_loss, clipped_loss), mask) / n
     with torch.no_grad():
-        stats = {"value_clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask)}
+        stats = {"value_clipfrac": masked_sum((clipped_loss > unclipped_loss).float(), mask) / n}
     return loss, stats
 
 

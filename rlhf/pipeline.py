@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf.evaluation import EvalConfig
+from rlhf.ppo import PPOConfig
 from rlhf.reward import RewardConfig
 from rlhf.sft import SFTConfig
 
@@ -31,9 +33,11 @@ class Recipe:
     demo: DemoConfig = field(default_factory=DemoConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-STAGES = ("sft", "reward")
+STAGES = ("sft", "reward", "ppo", "eval")
 
 
 def prepare(recipe: Recipe) -> None:
@@ -55,11 +59,20 @@ def run_stage(recipe: Recipe, stage: str) -> Path:
         from rlhf import reward
 
         return reward.train(recipe.reward)
+    if stage == "ppo":
+        from rlhf import ppo
+
+        return ppo.train(recipe.ppo)
+    if stage == "eval":
+        from rlhf import evaluation
+
+        return evaluation.evaluate(recipe.eval)
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def run(recipe: Recipe) -> None:
-    """Run every stage of the recipe in order."""
+def run(recipe: Recipe) -> Path:
+    """Run every stage of the recipe in order; returns the evaluation report."""
     for stage in STAGES:
         path = run_stage(recipe, stage)
         log.info("%s done: %s", stage, path)
+    return path

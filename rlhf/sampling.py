@@ -12,6 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.encoding import pad
+from rlhf.models import position_ids
+from rlhf.ops import logprobs_from_logits
 
 
 @dataclass
@@ -72,3 +74,19 @@ def sample_texts(model, tokenizer, prompts: list[str], config: SamplingConfig, b
         texts.extend(tokenizer.batch_decode(responses, skip_special_tokens=True))
     model.train(was_training)
     return texts
+
+
+@torch.no_grad()
+def response_logprobs(
+    model, query: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor, temperature: float, batch_size: int = 32
+) -> torch.Tensor:
+    """(B, T) log-probs of response tokens under a causal LM, prompts left-padded (B, P)."""
+    out = []
+    P = query.shape[1]
+    for i in range(0, len(query), batch_size):
+        rows = slice(i, i + batch_size)
+        ids = torch.cat([query[rows], responses[rows]], 1)
+        attention = torch.cat([query_mask[rows], mask[rows]], 1)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention)).logits
+        out.append(logprobs_from_logits(logits[:, P - 1 : -1], responses[rows], temperature))
+    return torch.cat(out)

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -103,6 +105,8 @@ class FunctionScore:
         module, _, name = spec.partition(":")
         if not name:
             raise ConfigError(f"reward function {spec!r} must look like module:function")
+        if os.getcwd() not in sys.path:  # a module of the user's project, as `python -m` would find it
+            sys.path.insert(0, os.getcwd())
         self.fn = getattr(importlib.import_module(module), name)
         self.spec = spec
 
