@@ -80,3 +80,20 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 def length_reward(prompts, completions, **kwargs):
     """A Python-function reward source for tests: the completion's length."""
     return [len(c) for c in completions]
+
+
+def letter_e_reward(prompts, completions, **kwargs):
+    """An easy reward for the learning test: the share of characters that are the letter e, x10."""
+    return [10 * c.count("e") / max(len(c), 1) for c in completions]
+
+
+def exclamation_reward(prompts, completions, **kwargs):
+    """A reward that can be gamed without limit: one point per '!' in the completion."""
+    return [float(c.count("!")) for c in completions]
+
+
+@pytest.fixture(scope="session")
+def tiny_prompts(tmp_path_factory) -> Path:
+    rng = random.Random(4)
+    root = tmp_path_factory.mktemp("prompts")
+    return write_jsonl(root / "prompts.jsonl", [{"prompt": prompt_for(rng.choice(list(TOPICS)))} for _ in range(64)])

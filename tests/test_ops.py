@@ -10,6 +10,10 @@ import torch
 from rlhf import ops
 
 
+def assert_close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
+
+
 def test_pairwise_loss_hand_computed():
     better, worse = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
     # -log sigmoid(1) = log(1 + e^-1) = 0.31326169, -log sigmoid(0) = log 2 = 0.69314718
@@ -46,3 +50,162 @@ def test_comparison_loss_weights_each_ranking_once():
     ranking = (0.12692801 + 0.04858735 + 0.31326169) / 3
     pair = 2.12692801  # diff -2 -> log(1 + e^2)
     assert comparison_loss(scores, examples, n_global=2).item() == pytest.approx((ranking + pair) / 2, abs=1e-6)
+
+
+# ---------------------------------------------------------------- PPO math
+
+
+def test_kl_shaped_rewards_hand_computed():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0, -4.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -2.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    rewards, kl = ops.kl_shaped_rewards(torch.tensor([2.0]), logprobs, ref_logprobs, mask, beta=0.1)
+    assert_close(kl, [[0.5, 0.0, -1.0, 0.0]])
+    # -beta * kl on every token, plus the score on the last real token (index 2), nothing after
+    assert_close(rewards, [[-0.05, 0.0, 0.1 + 2.0, 0.0]])
+    _, kl3 = ops.kl_shaped_rewards(torch.tensor([2.0]), logprobs, ref_logprobs, mask, beta=0.1, estimator="k3")
+    # k3 = (r - 1) - log r, r = exp(ref - logp): exp(-0.5) -> 0.10653066, exp(1) -> 0.71828183
+    assert_close(kl3, [[0.10653066, 0.0, 0.71828183, 0.0]], atol=1e-6)
+
+
+def test_gae_hand_computed():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4]])
+    mask = torch.ones(1, 3)
+    advantages, returns = ops.gae(rewards, values, mask, gamma=1.0, lam=0.9)
+    # t2: 1 - 0.4 = 0.6; t1: 0.4 - 0.2 + 0.9 * 0.6 = 0.74; t0: 0.2 - 0.5 + 0.9 * 0.74 = 0.366
+    assert_close(advantages, [[0.366, 0.74, 0.6]])
+    assert_close(returns, [[0.866, 0.94, 1.0]])
+    advantages, _ = ops.gae(rewards, values, mask, gamma=0.5, lam=1.0)
+    # t2: 0.6; t1: 0.5 * 0.4 - 0.2 + 0.5 * 0.6 = 0.3; t0: 0.5 * 0.2 - 0.5 + 0.5 * 0.3 = -0.25
+    assert_close(advantages, [[-0.25, 0.3, 0.6]])
+
+
+def test_gae_treats_the_state_after_eos_as_terminal():
+    # the response ends at index 1 (EOS); whatever the value network says after it must not leak in
+    rewards = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.3, 0.6, 5.0, -7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    advantages, returns = ops.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert_close(advantages, [[1.0 - 0.3, 1.0 - 0.6, 0.0, 0.0]])
+    assert_close(returns, [[1.0, 1.0, 0.0, 0.0]])
+
+
+def slow_shaped_rewards_and_gae(scores, logprobs, ref_logprobs, values, lengths, beta, gamma, lam):
+    """One sequence at a time, one token at a time, straight from the definitions."""
+    B, T = logprobs.shape
+    rewards = torch.zeros(B, T)
+    advantages = torch.zeros(B, T)
+    for b in range(B):
+        n = lengths[b]
+        for t in range(n):
+            rewards[b, t] = -beta * (logprobs[b, t] - ref_logprobs[b, t])
+        rewards[b, n - 1] += scores[b]
+        for t in range(n):
+            total = 0.0
+            for k in range(t, n):
+                next_value = values[b, k + 1] if k + 1 < n else 0.0
+                delta = rewards[b, k] + gamma * next_value - values[b, k]
+                total += (gamma * lam) ** (k - t) * delta
+            advantages[b, t] = total
+    return rewards, advantages
+
+
+def test_rewards_and_gae_match_a_slow_loop_on_random_batches():
+    torch.manual_seed(0)
+    B, T = 6, 9
+    lengths = [9, 1, 4, 7, 2, 9]
+    mask = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+    logprobs, ref_logprobs, values = torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
+    scores = torch.randn(B)
+    rewards, _ = ops.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, beta=0.2)
+    advantages, returns = ops.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    slow_rewards, slow_advantages = slow_shaped_rewards_and_gae(scores, logprobs, ref_logprobs, values, lengths, 0.2, 0.9, 0.8)
+    assert torch.allclose(rewards, slow_rewards, atol=1e-6)
+    assert torch.allclose(advantages, slow_advantages, atol=1e-5)
+    assert torch.allclose(returns, (slow_advantages + values) * mask, atol=1e-5)
+
+
+def test_whitening_hand_computed():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    mask = torch.ones(4)
+    # mean 2.5, unbiased variance 5/3, std 1.2909944
+    assert ops.masked_whiten(x, mask).tolist() == pytest.approx([-1.161895, -0.387298, 0.387298, 1.161895], abs=1e-5)
+    # without centering the mean stays 2.5 (rewards must keep their mean)
+    assert ops.masked_whiten(x, mask, center=False).tolist() == pytest.approx([1.338105, 2.112702, 2.887298, 3.661895], abs=1e-5)
+    # masked positions take no part: over [1, 2, 3] the mean is 2 and the variance 1
+    x = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    assert ops.masked_whiten(x, torch.tensor([1.0, 1.0, 1.0, 0.0]))[:3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-5)
+
+
+def test_policy_loss_hand_computed():
+    logprobs = torch.log(torch.tensor([[1.0, 1.5, 0.5]]))
+    old = torch.zeros(1, 3)
+    advantages = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, stats = ops.policy_loss(logprobs, old, advantages, torch.ones(1, 3), clip=0.2)
+    # ratios 1, 1.5, 0.5: terms max(-A r, -A clip(r)) = -1, -1.2 (clipped), 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.0 - 1.2 + 0.8) / 3)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    # k3: (r - 1) - log r = 0, 0.0945349, 0.1931472
+    assert stats["approx_kl"].item() == pytest.approx((0.0945349 + 0.1931472) / 3, abs=1e-6)
+
+
+def test_policy_loss_of_shards_adds_up_to_the_whole():
+    torch.manual_seed(1)
+    logprobs, old, advantages = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
+    mask = (torch.rand(4, 5) > 0.3).float()
+    whole, _ = ops.policy_loss(logprobs, old, advantages, mask)
+    n = mask.sum()
+    halves = [ops.policy_loss(logprobs[s], old[s], advantages[s], mask[s], num_tokens=n)[0] for s in (slice(0, 2), slice(2, 4))]
+    assert (halves[0] + halves[1]).item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+def test_value_loss_hand_computed():
+    values, old, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.0]]), torch.tensor([[2.0, 1.0]])
+    loss, stats = ops.value_loss(values, old, returns, torch.ones(1, 2), clip=0.2)
+    # t0: V_clip = 0.7, max((1-2)^2, (0.7-2)^2) = 1.69; t1: 1; 0.5 * mean = 0.6725
+    assert loss.item() == pytest.approx(0.6725)
+    assert stats["value_clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_entropy_and_logprobs_hand_computed():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
+    # H = 0.5 ln 2 + 2 * 0.25 ln 4 = 1.0397208
+    assert ops.entropy_from_logits(logits).item() == pytest.approx(1.0397208, abs=1e-6)
+    assert ops.entropy_from_logits(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4))
+    # temperature 2 halves the logits [2, 0] -> [1, 0]: log(e / (e + 1)) = -0.3132617
+    lp = ops.logprobs_from_logits(torch.tensor([[[2.0, 0.0]]]), torch.tensor([[0]]), temperature=2.0)
+    assert lp.item() == pytest.approx(-0.3132617, abs=1e-6)
+
+
+def test_adaptive_kl_controller_hand_computed():
+    controller = ops.AdaptiveKLController(beta=0.1, target=6.0, horizon=10000)
+    controller.update(kl=9.0, n_steps=1000)  # error 0.5 clipped to 0.2: beta * (1 + 0.2 * 0.1)
+    assert controller.beta == pytest.approx(0.102)
+    controller.update(kl=5.4, n_steps=1000)  # error -0.1: beta * (1 - 0.01)
+    assert controller.beta == pytest.approx(0.10098)
+    fixed = ops.FixedKLController(0.3)
+    fixed.update(kl=100.0, n_steps=1000)
+    assert fixed.beta == 0.3
+
+
+def test_explained_variance_hand_computed():
+    returns = torch.tensor([[1.0, 2.0, 3.0]])
+    assert ops.explained_variance(returns, returns, torch.ones(1, 3)).item() == pytest.approx(1.0)
+    # values = mean: residual variance = variance of returns -> 0
+    assert ops.explained_variance(torch.full((1, 3), 2.0), returns, torch.ones(1, 3)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_eos_mask_off_by_one():
+    from rlhf.sampling import response_mask, truncate_at_eos
+
+    eos, pad = 0, 9
+    responses = torch.tensor([[5, 0, 7, 0], [5, 6, 7, 8], [0, 3, 3, 3]])
+    truncated, ended = truncate_at_eos(responses, eos, pad)
+    assert truncated.tolist() == [[5, 0, 9, 9], [5, 6, 7, 8], [0, 9, 9, 9]]
+    assert ended.tolist() == [True, False, True]
+    mask = response_mask(truncated, eos)
+    # the EOS itself is in (its log-prob is trained and the score sits on it), the token after is out
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    rewards, _ = ops.kl_shaped_rewards(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3, 4), torch.zeros(3, 4), mask.float(), beta=0.1)
+    assert rewards.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [3.0, 0.0, 0.0, 0.0]]
