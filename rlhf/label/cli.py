@@ -20,16 +20,27 @@ from rlhf.label.export import export
 
 def serve(args: argparse.Namespace) -> int:
     store = Store(args.db)
-    project = store.set_project(Project(args.task, args.overlap, args.scale))
+    stored = store.project()
+    if stored is None and not args.candidates:
+        raise StoreError("invalid", f"{args.db} holds no project yet: pass --candidates FILE to start one")
+    records = list(load_candidates(args.candidates)) if args.candidates else []
+    # A new project takes the flags (or their defaults); an existing one keeps its settings,
+    # and a flag that contradicts them is an error.
+    project = Project(
+        args.task or (stored.task if stored else "pair"),
+        args.overlap if args.overlap is not None else (stored.overlap if stored else 1),
+        args.scale or (stored.scale if stored else "thumbs"),
+    )
+    items, dropped = build_items(records, project.task)
+    if stored is None and not items:
+        raise StoreError("invalid", f"{args.candidates} gives no {project.task} items")
+    store.set_project(project)
     if args.candidates:
-        items, dropped = build_items(list(load_candidates(args.candidates)), project.task)
         added = store.add_items(items)
         print(f"{args.candidates}: {added} new items ({len(items) - added} already in {args.db})", file=sys.stderr)
         if dropped:
             print(f"  left out {dropped} empty or repeated completions", file=sys.stderr)
     count = len(store.items())
-    if count == 0:
-        raise StoreError("invalid", f"{args.db} has no items: pass --candidates FILE")
     store.close()
 
     import uvicorn
@@ -71,9 +82,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = commands.add_parser("serve", help="serve the labeling app (the first run creates the project)")
     p.add_argument("--candidates", type=Path, help="candidates file to add items from (as `rlhf generate` writes)")
     p.add_argument("--db", type=Path, default=Path("feedback.sqlite"), help="the project's SQLite file")
-    p.add_argument("--task", choices=TASKS, default="pair", help="pair: A/B/tie/skip; rank: order K; rate: score one")
-    p.add_argument("--overlap", type=int, default=1, help="how many different labelers answer each item")
-    p.add_argument("--scale", choices=SCALES, default="thumbs", help="rating scale of a rate project")
+    p.add_argument("--task", choices=TASKS, help="new project: pair (A/B/tie/skip, the default), rank K, or rate one")
+    p.add_argument("--overlap", type=int, help="new project: how many different labelers answer each item (1)")
+    p.add_argument("--scale", choices=SCALES, help="new rate project: thumbs (the default) or 1-7")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=serve)

@@ -123,9 +123,8 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Server":
-        project = Store(self.db).project()
-        cmd = [sys.executable, "-m", "rlhf.label", "serve", "--db", str(self.db), "--task", project.task,
-               "--overlap", str(project.overlap), "--scale", project.scale, "--port", str(self.port)]
+        # No --task/--overlap/--scale: serve keeps the settings the project file holds.
+        cmd = [sys.executable, "-m", "rlhf.label", "serve", "--db", str(self.db), "--port", str(self.port)]
         self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 30
