@@ -63,11 +63,12 @@ class Comparison:
     source: str
     margin: float = 0.0
     labeler: str | None = None
+    ranking: bool = False
+    """True when the record came as a ranking ({"completions": [...]}), False for chosen/rejected."""
 
-    def pairs(self) -> list[tuple[int, int]]:
-        """(better, worse) index pairs: all K(K-1)/2 of them for a ranking of K."""
-        k = len(self.completions)
-        return [(i, j) for i in range(k) for j in range(i + 1, k)]
+    def field_name(self, i: int) -> str:
+        """The record field that holds completion `i`, for error messages."""
+        return f"completions[{i}]" if self.ranking else ("chosen", "rejected")[i]
 
 
 @dataclass
@@ -310,7 +311,7 @@ def parse_feedback(record: Any, where: str) -> Comparison | Rating:
             if text in seen:
                 raise DataError(where, f"duplicates completions[{seen[text]}]", f"completions[{i}]")
             seen[text] = i
-        return Comparison(prompt, list(completions), where, labeler=_labeler(record, where))
+        return Comparison(prompt, list(completions), where, labeler=_labeler(record, where), ranking=True)
     if "chosen" in record or "rejected" in record:
         chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
         if chosen == rejected:

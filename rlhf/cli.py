@@ -1,0 +1,124 @@
+"""The `rlhf` command.
+
+    rlhf sft      --config recipes/demo.yaml [section.key=value ...]
+    rlhf reward   --config recipes/demo.yaml [section.key=value ...]
+    rlhf ppo      --config recipes/demo.yaml [section.key=value ...]
+    rlhf eval     --config recipes/demo.yaml [section.key=value ...]
+    rlhf score    --reward runs/demo/reward/model --input samples.jsonl --out scored.jsonl
+    rlhf pipeline recipes/demo.yaml [section.key=value ...]
+    rlhf demo data --out DIR          rlhf demo base --out DIR
+
+`rlhf sft --help` lists every key of the stage with its default and meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from rlhf.config import ConfigError, describe, load_recipe
+from rlhf.data import DataError
+
+STAGE_HELP = {
+    "sft": "supervised fine-tuning on demonstrations",
+    "reward": "train a reward model on pairs, rankings or ratings",
+    "ppo": "optimise the policy against a reward source with PPO",
+    "eval": "compare policies on held-out prompts and write report.md",
+}
+
+
+def _recipe_class():
+    from rlhf.pipeline import Recipe
+
+    return Recipe
+
+
+def _section_help(section: str) -> str:
+    import typing
+
+    hints = typing.get_type_hints(_recipe_class())
+    rows = describe(hints[section], prefix=f"{section}.")
+    width = max(len(key) for key, _, _ in rows)
+    lines = [f"  {key:<{width}}  {doc} (default {default})" for key, default, doc in rows]
+    return "keys (set in the recipe or as section.key=value):\n" + "\n".join(lines)
+
+
+def _add_stage(subparsers, name: str) -> None:
+    parser = subparsers.add_parser(
+        name, help=STAGE_HELP[name], epilog=_section_help(name), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="The RLHF loop on one machine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in STAGE_HELP:
+        _add_stage(subparsers, name)
+
+    score = subparsers.add_parser("score", help="score a file of {prompt, completion} records")
+    score.add_argument("--reward", required=True, help="reward model dir, classifier, or module:function")
+    score.add_argument("--kind", default="model", choices=["model", "classifier", "function"])
+    score.add_argument("--label", default="", help="classifier label whose logit is the reward")
+    score.add_argument("--input", required=True, help="file of {prompt, completion} records")
+    score.add_argument("--out", required=True, help="JSONL output: the records with a `score` field")
+
+    pipeline = subparsers.add_parser("pipeline", help="run SFT, reward model, PPO and evaluation from one recipe")
+    pipeline.add_argument("recipe", help="recipe YAML file")
+    pipeline.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+    demo = subparsers.add_parser("demo", help="the embedded demo task")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True)
+    data = demo_sub.add_parser("data", help="write the demo data set")
+    data.add_argument("--out", required=True)
+    data.add_argument("--seed", type=int, default=0)
+    base = demo_sub.add_parser("base", help="rebuild the tiny demo base model from scratch")
+    base.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        run(args)
+    except (ConfigError, DataError, OSError) as exc:  # OSError: a model or file that cannot be read
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args: argparse.Namespace) -> None:
+    from rlhf import pipeline
+
+    if args.command in STAGE_HELP:
+        recipe = load_recipe(_recipe_class(), args.config, args.overrides)
+        pipeline.run_stage(recipe, args.command)
+    elif args.command == "pipeline":
+        report = pipeline.run(load_recipe(_recipe_class(), args.recipe, args.overrides))
+        print(f"\nreport: {report}")
+    elif args.command == "score":
+        from rlhf.scoring import RewardSourceConfig, load_reward_source, score_file
+
+        source = load_reward_source(RewardSourceConfig(kind=args.kind, path=args.reward, label=args.label))
+        scores = score_file(source, args.input, args.out)
+        print(f"scored {len(scores)} records, mean {sum(scores) / len(scores):.4f}: {args.out}")
+    elif args.command == "demo" and args.demo_command == "data":
+        from rlhf.demo.build import build
+
+        build(args.out, args.seed)
+        print(f"demo data written to {args.out}")
+    elif args.command == "demo" and args.demo_command == "base":
+        from rlhf.demo.base import build_base_model
+
+        print(f"demo base model written to {build_base_model(args.out)}")

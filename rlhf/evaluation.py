@@ -1,0 +1,233 @@
+"""Compare policies on held-out prompts and write `report.md` with PNG plots.
+
+    rlhf eval --config recipes/demo.yaml
+
+For the reference and each policy: mean reward-model score, gold score and win-rate when an
+oracle is configured, win-rate against the reference by the reward model, KL to the reference,
+response length and the fraction of responses that end with EOS. The plots show a PPO run's
+score, KL, entropy and value loss against steps, and score histograms before and after.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf.config import ConfigError
+from rlhf.data import load_prompts
+from rlhf.encoding import encode_prompt, pad
+from rlhf.models import context_length, load_causal_lm, load_tokenizer
+from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample
+from rlhf.scoring import FunctionScore, RewardSourceConfig, load_reward_source
+from rlhf.tracking import read_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    reference: str = ""
+    """The policy everything is compared with (usually the SFT model)."""
+    policies: list[str] = field(default_factory=list)
+    """Policies to evaluate against the reference (e.g. the PPO model)."""
+    prompts: list[str] = field(default_factory=list)
+    """Held-out prompt files."""
+    num_prompts: int = 0
+    """Evaluate on this many prompts (0: all)."""
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    oracle: str = ""
+    """Gold scorer `module:function` (e.g. the demo's gold labeler); empty: none."""
+    generation: SamplingConfig = field(default_factory=SamplingConfig)
+    runs: list[str] = field(default_factory=list)
+    """PPO run directories whose metrics.jsonl are plotted against steps."""
+    output_dir: str = "runs/eval"
+    """Where report.md, results.json, samples.jsonl and the plots go."""
+    batch_size: int = 32
+    """Prompts per sampling batch."""
+    seed: int = 0
+    """Seed for prompt choice and sampling."""
+
+
+@dataclass
+class PolicySamples:
+    name: str
+    completions: list[str]
+    scores: torch.Tensor  # (N,) reward-model scores
+    gold: torch.Tensor | None  # (N,) oracle scores
+    kl: torch.Tensor  # (N,) sum over tokens of log pi - log pi_ref on the policy's own samples
+    lengths: torch.Tensor  # (N,) response tokens up to and including EOS
+    ended: torch.Tensor  # (N,) emitted EOS
+
+
+def win_rate(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Share of prompts where `a` beats `b` (ties count half), with the win/tie/loss counts."""
+    wins, ties = (a > b).sum().item(), (a == b).sum().item()
+    n = len(a)
+    return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins / n, "ties": ties / n, "losses": (n - wins - ties) / n}
+
+
+def sample_policy(path: str, reference, tokenizer, prompts: list[list[int]], config: EvalConfig, device) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Completions, KL to the reference, lengths and EOS flags of one policy on the prompts."""
+    policy = load_causal_lm(path, tokenizer).to(device).eval()
+    temperature = config.generation.temperature or 1.0
+    completions, kls, lengths, ended = [], [], [], []
+    torch.manual_seed(config.seed)
+    for i in range(0, len(prompts), config.batch_size):
+        batch = prompts[i : i + config.batch_size]
+        responses, done = sample(policy, batch, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
+        mask = response_mask(responses, tokenizer.eos_token_id)
+        query, query_mask = pad(batch, tokenizer.pad_token_id, side="left")
+        logprobs = response_logprobs(policy, query, query_mask, responses, mask, temperature)
+        ref_logprobs = response_logprobs(reference, query, query_mask, responses, mask, temperature)
+        kls.append(((logprobs - ref_logprobs) * mask).sum(-1))
+        lengths.append(mask.sum(-1))
+        ended.append(done)
+        completions += tokenizer.batch_decode(responses * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    return completions, torch.cat(kls), torch.cat(lengths).float(), torch.cat(ended)
+
+
+def evaluate(config: EvalConfig) -> Path:
+    """Sample every policy on the held-out prompts, score, compare, and write the report."""
+    if not config.reference or not config.prompts:
+        raise ConfigError("eval.reference and eval.prompts are required")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = list(load_prompts(config.prompts))
+    if config.num_prompts and config.num_prompts < len(records):
+        records = random.Random(config.seed).sample(records, config.num_prompts)
+    tokenizer = load_tokenizer(config.reference)
+    reference = load_causal_lm(config.reference, tokenizer).to(device).eval()
+    max_prompt = context_length(reference.config) - config.generation.max_new_tokens
+    prompts = [encode_prompt(tokenizer, r.prompt, max_prompt, r.source) for r in records]
+    texts = [r.prompt for r in records]
+    reward_source = load_reward_source(config.reward, device) if config.reward.path else None
+    oracle = FunctionScore(config.oracle) if config.oracle else None
+
+    results: list[PolicySamples] = []
+    for name in [config.reference, *config.policies]:
+        log.info("eval: sampling %s on %d prompts", name, len(prompts))
+        completions, kl, lengths, ended = sample_policy(name, reference, tokenizer, prompts, config, device)
+        scores = reward_source(texts, completions).cpu() if reward_source else torch.zeros(len(texts))
+        gold = oracle(texts, completions) if oracle else None
+        results.append(PolicySamples(name, completions, scores, gold, kl.cpu(), lengths.cpu(), ended.cpu()))
+
+    summary = summarize(results, has_reward=reward_source is not None)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
+        for i, prompt in enumerate(texts):
+            row = {"prompt": prompt}
+            for r in results:
+                row[r.name] = {"completion": r.completions[i], "score": r.scores[i].item(), **({"gold": r.gold[i].item()} if r.gold is not None else {})}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    plots = plot_runs(config.runs, out) + plot_histograms(results, out)
+    report = out / "report.md"
+    report.write_text(render_report(summary, plots, texts, results))
+    log.info("eval: report written to %s", report)
+    return report
+
+
+def summarize(results: list[PolicySamples], has_reward: bool) -> list[dict]:
+    reference = results[0]
+    rows = []
+    for r in results:
+        row = {
+            "policy": r.name,
+            "prompts": len(r.completions),
+            "kl": r.kl.mean().item(),
+            "length": r.lengths.mean().item(),
+            "eos_fraction": r.ended.float().mean().item(),
+        }
+        if has_reward:
+            row["score"] = r.scores.mean().item()
+            row["win_rate_rm"] = win_rate(r.scores, reference.scores)["win_rate"]
+        if r.gold is not None:
+            gold = win_rate(r.gold, reference.gold)
+            row.update({"gold": r.gold.mean().item(), "win_rate_gold": gold["win_rate"], "wins_gold": gold["wins"], "ties_gold": gold["ties"], "losses_gold": gold["losses"]})
+        rows.append(row)
+    return rows
+
+
+def plot_runs(runs: list[str], out: Path) -> list[str]:
+    """Training curves of PPO runs: score, KL, entropy and value loss against steps."""
+    if not runs:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("score/mean", "mean score"), ("kl/sequence", "KL to reference (per sequence)"), ("policy/entropy", "policy entropy"), ("loss/value", "value loss")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for run in runs:
+        metrics = read_metrics(run)
+        for ax, (key, title) in zip(axes.flat, panels):
+            points = [(m["step"], m[key]) for m in metrics if key in m]
+            if points:
+                ax.plot(*zip(*points), label=Path(run).name)
+            ax.set_title(title)
+            ax.set_xlabel("PPO step")
+            ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+    return ["training.png"]
+
+
+def plot_histograms(results: list[PolicySamples], out: Path) -> list[str]:
+    """Score histograms of the reference (before) and each policy (after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [("scores", "reward-model score")] + ([("gold", "gold score")] if results[0].gold is not None else [])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
+    for ax, (attr, title) in zip(axes[0], kinds):
+        values = [getattr(r, attr).numpy() for r in results]
+        low, high = min(v.min() for v in values), max(v.max() for v in values)
+        bins = torch.linspace(float(low), float(high) + 1e-6, 25).numpy()
+        for r, v in zip(results, values):
+            ax.hist(v, bins=bins, alpha=0.55, label=f"{Path(r.name).parent.name or r.name}/{Path(r.name).name}")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "scores.png", dpi=110)
+    plt.close(fig)
+    return ["scores.png"]
+
+
+def _cell(text: str) -> str:
+    """Untrusted model output made inert in a Markdown table cell."""
+    return html.escape(text.strip()).replace("|", "&#124;").replace("\n", "<br>").replace("`", "&#96;") or "(empty)"
+
+
+def render_report(summary: list[dict], plots: list[str], prompts: list[str], results: list[PolicySamples], examples: int = 5) -> str:
+    columns = [("policy", "policy", "{}"), ("score", "RM score", "{:.3f}"), ("win_rate_rm", "win-rate vs ref (RM)", "{:.1%}"),
+               ("gold", "gold score", "{:.3f}"), ("win_rate_gold", "win-rate vs ref (gold)", "{:.1%}"),
+               ("wins_gold", "wins / ties / losses (gold)", None), ("kl", "KL to ref", "{:.2f}"),
+               ("length", "length", "{:.1f}"), ("eos_fraction", "ends with EOS", "{:.1%}")]
+    columns = [c for c in columns if any(c[0] in row for row in summary)]
+    lines = ["# Evaluation report", "", f"{summary[0]['prompts']} held-out prompts; the first row is the reference.", ""]
+    lines.append("| " + " | ".join(title for _, title, _ in columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for row in summary:
+        cells = []
+        for key, _, fmt in columns:
+            if key == "wins_gold":
+                cells.append(f"{row['wins_gold']:.0%} / {row['ties_gold']:.0%} / {row['losses_gold']:.0%}")
+            else:
+                cells.append(fmt.format(row[key]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Examples", "", "| prompt | " + " | ".join(Path(r.name).as_posix() for r in results) + " |", "|" + "---|" * (len(results) + 1)]
+    for i in range(min(examples, len(prompts))):
+        lines.append(f"| {_cell(prompts[i])} | " + " | ".join(f"{_cell(r.completions[i])} ({r.scores[i]:.2f})" for r in results) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,185 @@
+"""Loading and saving models: any Hugging Face causal LM by local path or hub id, full or LoRA.
+
+The rules that every stage shares live here: a tokenizer always has a pad token distinct from
+EOS (checklist item 1), position ids follow left padding (item 2), a fresh reward head is
+initialised N(0, 1/sqrt(d+1)) (item 7), and a saved model loads back with plain transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = "<|pad|>"
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters (peft) instead of all weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (kept 0 for RL: checklist item 6)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt; ["all-linear"] adapts every linear layer but the output head."""
+
+
+def load_tokenizer(name: str, require_eos: bool = True):
+    """The model's tokenizer, with a pad token distinct from EOS added when it has none."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if require_eos and tokenizer.eos_token_id is None:
+        raise ConfigError(f"{name}: the tokenizer has no EOS token; set one before training")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Reusing EOS as pad masks EOS out of the loss, and the policy never learns to stop.
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        log.info("%s: added pad token %s (id %d), distinct from EOS", name, PAD_TOKEN, tokenizer.pad_token_id)
+    return tokenizer
+
+
+def _fit_vocab(model, tokenizer) -> None:
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None and tokenizer.eos_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_causal_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    _fit_vocab(model, tokenizer)
+    return model
+
+
+def load_sequence_classifier(name: str, tokenizer=None, num_labels: int | None = None, dtype=torch.float32):
+    """A sequence-classification model; with `num_labels=1` a reward model whose head is
+    initialised N(0, 1/sqrt(d+1)) when `name` is a plain causal LM (no trained head yet)."""
+    kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, **kwargs)
+    architectures = model.config.architectures or []
+    trained_head = any("ForSequenceClassification" in a for a in architectures)
+    if tokenizer is not None:
+        _fit_vocab(model, tokenizer)
+    if num_labels == 1 and not trained_head:
+        head = score_head(model)
+        d = head.in_features
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(d + 1))
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+    return model
+
+
+def score_head(model) -> torch.nn.Linear:
+    """The linear head of a sequence-classification model (named `score` or `classifier`)."""
+    for name in ("score", "classifier", "classification_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head
+    raise ValueError(f"{type(model).__name__}: no linear score head found")
+
+
+def add_lora(model, config: LoraConfig, task_type: str):
+    """Wrap `model` with peft LoRA adapters; only adapter (and, for SEQ_CLS, head) weights train."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    targets = config.target_modules
+    peft_config = PeftLoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type=task_type,
+    )
+    return get_peft_model(model, peft_config)
+
+
+def context_length(config) -> int:
+    """The longest sequence the model's position embeddings allow (a large number when unbounded)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that count only real tokens, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def dropout_off(model) -> None:
+    """Set every dropout probability to 0 (checklist item 6): RL log-probs must be deterministic."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Write a directory under a temporary name and move it into place only when complete.
+
+    A crash leaves either the previous complete directory or the new one, never a half-written
+    one under the final name (a stale temporary directory may be left beside it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+        if f.is_file():
+            with f.open("rb") as handle:
+                os.fsync(handle.fileno())
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, tokenizer, path: str | Path, extra_config: dict | None = None) -> Path:
+    """Save for plain transformers: LoRA adapters are merged (and also kept under `adapter/`)."""
+    from peft import PeftModel
+
+    with atomic_dir(path) as tmp:
+        if isinstance(model, PeftModel):
+            model.save_pretrained(tmp / "adapter")
+            model = _merged_copy(model)
+        for key, value in (extra_config or {}).items():
+            setattr(model.config, key, value)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def _merged_copy(peft_model):
+    """A merged copy of a peft model, leaving the trained adapters in place (training may go on)."""
+    return copy.deepcopy(peft_model).merge_and_unload()

@@ -1,0 +1,78 @@
+"""The whole loop from one recipe: SFT, reward model, PPO and evaluation, in that order.
+
+    rlhf pipeline recipes/demo.yaml
+
+A recipe is one YAML file with a section per stage; each stage command (`rlhf sft`,
+`rlhf reward`, ...) reads its own section of the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf.evaluation import EvalConfig
+from rlhf.ppo import PPOConfig
+from rlhf.reward import RewardConfig
+from rlhf.sft import SFTConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    data_dir: str = ""
+    """Build the embedded demo data set here when it is missing (empty: not a demo recipe)."""
+    seed: int = 0
+    """Seed of the demo data generator."""
+
+
+@dataclass
+class Recipe:
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+STAGES = ("sft", "reward", "ppo", "eval")
+
+
+def prepare(recipe: Recipe) -> None:
+    """Build what the recipe needs before any stage runs (the demo data set)."""
+    if recipe.demo.data_dir and not (Path(recipe.demo.data_dir) / "sft.jsonl").exists():
+        from rlhf.demo.build import build
+
+        log.info("building the demo data set in %s", recipe.demo.data_dir)
+        build(recipe.demo.data_dir, recipe.demo.seed)
+
+
+def run_stage(recipe: Recipe, stage: str) -> Path:
+    prepare(recipe)
+    if stage == "sft":
+        from rlhf import sft
+
+        return sft.train(recipe.sft)
+    if stage == "reward":
+        from rlhf import reward
+
+        return reward.train(recipe.reward)
+    if stage == "ppo":
+        from rlhf import ppo
+
+        return ppo.train(recipe.ppo)
+    if stage == "eval":
+        from rlhf import evaluation
+
+        return evaluation.evaluate(recipe.eval)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def run(recipe: Recipe) -> Path:
+    """Run every stage of the recipe in order; returns the evaluation report."""
+    for stage in STAGES:
+        path = run_stage(recipe, stage)
+        log.info("%s done: %s", stage, path)
+    return path

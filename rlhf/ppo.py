@@ -1,0 +1,508 @@
+"""PPO against a reward source, from the SFT policy, with a frozen reference (Ziegler et al. 2019).
+
+    rlhf ppo --config recipes/demo.yaml ppo.kl.beta=0.05
+
+One step: sample responses to a batch of prompts, score them, shape per-token rewards with the
+KL penalty, estimate advantages with GAE, run K epochs of clipped-PPO minibatch updates, adapt
+beta, log. The run stops at `stop.max_steps`, at a mean-score threshold, or when the KL to the
+reference passes its budget, and says which. Writes `output_dir/model` (the policy, loads with
+plain `AutoModelForCausalLM`), `output_dir/value`, checkpoints, `metrics.jsonl`, TensorBoard
+events and `samples.jsonl` (a few completions per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from rlhf import ops, training
+from rlhf.config import ConfigError, to_dict
+from rlhf.data import load_prompts
+from rlhf.encoding import encode_prompt, pad
+from rlhf.models import (
+    LoraConfig,
+    context_length,
+    dropout_off,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    position_ids,
+    save_model,
+    score_head,
+)
+from rlhf.sampling import SamplingConfig, response_mask, sample
+from rlhf.scoring import RewardSourceConfig, load_reward_source
+from rlhf.tracking import Tracker
+from rlhf.training import Precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptData:
+    train: list[str] = field(default_factory=list)
+    """Prompt files or hub datasets ({prompt})."""
+    skip_invalid: bool = False
+    """Skip malformed records (and report how many) instead of stopping at the first."""
+
+
+@dataclass
+class ValueConfig:
+    model: str = ""
+    """Model to initialise the value network from; empty: the reward model (kind model), else the policy."""
+    head_on_policy: bool = False
+    """Put the value head on the policy trunk instead of a separate network (less memory)."""
+
+
+@dataclass
+class KLConfig:
+    beta: float = 0.05
+    """KL coefficient (the starting value when adaptive)."""
+    adaptive: bool = False
+    """Adapt beta towards `target` (Ziegler et al.'s controller) instead of keeping it fixed."""
+    target: float = 6.0
+    """Adaptive controller: the KL per sequence to aim for."""
+    horizon: int = 10000
+    """Adaptive controller: horizon in samples; larger moves beta more slowly."""
+    estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator: k1 = log pi - log pi_ref, k3 = (r - 1) - log r."""
+
+
+@dataclass
+class PPOAlgoConfig:
+    batch_size: int = 64
+    """Prompts per rollout (one PPO step), over all processes."""
+    minibatch_size: int = 16
+    """Rollouts per optimiser update."""
+    micro_batch_size: int = 16
+    """Rollouts per forward pass on one process; gradients accumulate up to `minibatch_size`."""
+    epochs: int = 4
+    """Passes over each rollout batch."""
+    gamma: float = 1.0
+    """Discount in GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip: float = 0.2
+    """Policy ratio clipping epsilon."""
+    value_clip: float = 0.2
+    """Value clipping range around the rollout values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the combined objective."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus in the combined objective."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance per batch (their mean is kept)."""
+    missing_eos_penalty: float = -1.0
+    """Score given to a response that never emits EOS (0 turns the penalty off)."""
+    score_clip: float = 0.0
+    """Clip scores to [-score_clip, score_clip] (0: no clipping)."""
+
+
+@dataclass
+class PPOOptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate (AdamW) for policy and value."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up in optimiser updates."""
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    """Learning-rate schedule over max_steps rollouts."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0 turns it off)."""
+
+
+@dataclass
+class StopConfig:
+    max_steps: int = 100
+    """Stop after this many PPO steps."""
+    reward_threshold: float | None = None
+    """Stop when the mean score over the last `window` steps reaches this."""
+    window: int = 5
+    """Steps averaged for the reward threshold."""
+    kl_budget: float | None = None
+    """Stop when a step's mean KL per sequence to the reference exceeds this (reward-hacking guard)."""
+
+
+@dataclass
+class PPOConfig:
+    policy: str = ""
+    """Policy to start from (the SFT model): a local path or a hub id. The reference is a frozen copy."""
+    output_dir: str = "runs/ppo"
+    """Where the policy, value model, checkpoints, metrics and samples go."""
+    prompts: PromptData = field(default_factory=PromptData)
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+    generation: SamplingConfig = field(default_factory=SamplingConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    algo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    optim: PPOOptimConfig = field(default_factory=PPOOptimConfig)
+    stop: StopConfig = field(default_factory=StopConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    precision: Precision = "auto"
+    """fp32, bf16 (autocast; log-probs, advantages and weights stay fp32), or auto."""
+    save_every: int = 20
+    """Steps between checkpoints."""
+    samples_per_step: int = 4
+    """Completions written to samples.jsonl each step."""
+    resume: bool = False
+    """Continue from the latest checkpoint in output_dir."""
+    seed: int = 0
+    """Seed for prompt order, sampling and initialisation."""
+
+
+@dataclass
+class Rollout:
+    """One batch of experience; T is the response length, P the (left-padded) prompt length."""
+
+    query: torch.Tensor  # (B, P) prompt ids, left-padded
+    query_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    responses: torch.Tensor  # (B, T) sampled ids, pad after the first EOS
+    mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first EOS
+    ended: torch.Tensor  # (B,) True where the response emitted EOS
+    logprobs: torch.Tensor  # (B, T) log-probs of the sampled tokens under the policy that sampled them
+    ref_logprobs: torch.Tensor  # (B, T) the same under the reference
+    values: torch.Tensor  # (B, T) V(s_t), the state before response token t
+    scores: torch.Tensor  # (B,) reward-source score after the missing-EOS penalty and clipping
+    raw_scores: torch.Tensor  # (B,) reward-source score as returned
+    kl: torch.Tensor = None  # (B, T) per-token KL estimate to the reference
+    rewards: torch.Tensor = None  # (B, T) KL-shaped per-token rewards
+    advantages: torch.Tensor = None  # (B, T) whitened GAE advantages
+    returns: torch.Tensor = None  # (B, T) value targets
+
+    def inputs(self, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, position_ids) of prompt + response for the given rows."""
+        ids = torch.cat([self.query[rows], self.responses[rows]], 1)
+        attention = torch.cat([self.query_mask[rows], self.mask[rows]], 1)
+        return ids, attention, position_ids(attention)
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The trained pair as one module (one optimiser, one data-parallel wrapper).
+
+    The value comes from a separate network's per-token head (default, checklist item 8), or
+    from a linear head on the policy's last hidden state (`head_on_policy`).
+    """
+
+    def __init__(self, policy, value_model=None, value_head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.policy, self.value_model, self.value_head = policy, value_model, value_head
+
+    def forward(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, L, V), values (B, L))."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if self.value_head is not None:
+            out = self.policy(**kwargs, output_hidden_states=True)
+            return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+        model = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
+        hidden = getattr(model, model.base_model_prefix)(**kwargs).last_hidden_state
+        return self.policy(**kwargs).logits, score_head(model)(hidden).squeeze(-1)
+
+
+def response_slice(logits_or_values: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The positions whose outputs belong to response tokens: P-1 .. P+T-2 predict tokens P .. P+T-1."""
+    return logits_or_values[:, prompt_len - 1 : -1]
+
+
+def build_models(config: PPOConfig, tokenizer, device):
+    """(PolicyAndValue, reference or None): with LoRA the reference is the policy, adapters off."""
+    policy = load_causal_lm(config.policy, tokenizer)
+    if not config.lora.enabled:
+        reference = load_causal_lm(config.policy, tokenizer).to(device).eval().requires_grad_(False)
+        dropout_off(reference)
+    else:
+        from rlhf.models import add_lora
+
+        policy, reference = add_lora(policy, config.lora, "CAUSAL_LM"), None
+    dropout_off(policy)
+    if config.value.head_on_policy:
+        hidden = policy.config.get_text_config().hidden_size
+        head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+        return PolicyAndValue(policy, value_head=head).to(device), reference
+    source = config.value.model or (config.reward.path if config.reward.kind == "model" else config.policy)
+    value_model = load_sequence_classifier(source, tokenizer, num_labels=1)
+    if config.lora.enabled:
+        from rlhf.models import add_lora
+
+        value_model = add_lora(value_model, config.lora, "SEQ_CLS")
+    dropout_off(value_model)
+    return PolicyAndValue(policy, value_model=value_model).to(device), reference
+
+
+@torch.no_grad()
+def rollout(model: PolicyAndValue, reference, prompts: list[list[int]], texts: list[str], reward_source, config: PPOConfig, tokenizer, device, bf16: bool) -> tuple[Rollout, dict]:
+    """Sample, score, and run the policy, reference and value forward passes."""
+    timings = {}
+    started = time.time()
+    policy = model.policy
+    responses, ended = sample(policy, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
+    query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
+    query, query_mask, responses, ended = query.to(device), query_mask.to(device), responses.to(device), ended.to(device)
+    mask = response_mask(responses, tokenizer.eos_token_id)
+    timings["time/generate"] = time.time() - started
+
+    started = time.time()
+    completions = tokenizer.batch_decode(responses * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    raw_scores = reward_source(texts, completions).to(device)
+    scores = raw_scores.clone()
+    if config.algo.missing_eos_penalty:
+        scores = torch.where(ended, scores, torch.full_like(scores, config.algo.missing_eos_penalty))
+    if config.algo.score_clip:
+        scores = scores.clamp(-config.algo.score_clip, config.algo.score_clip)
+    timings["time/score"] = time.time() - started
+
+    started = time.time()
+    batch = Rollout(query, query_mask, responses, mask, ended, None, None, None, scores, raw_scores)
+    temperature = config.generation.temperature or 1.0
+    logprobs, ref_logprobs, values = [], [], []
+    P = query.shape[1]
+    for rows in chunks(len(prompts), config.algo.micro_batch_size):
+        ids, attention, positions = batch.inputs(rows)
+        with training.autocast(device, bf16):
+            logits, value = model(ids, attention, positions)
+            if reference is None:
+                with policy.disable_adapter():
+                    ref_logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+            else:
+                ref_logits = reference(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+        logprobs.append(ops.logprobs_from_logits(response_slice(logits, P), responses[rows], temperature))
+        ref_logprobs.append(ops.logprobs_from_logits(response_slice(ref_logits, P), responses[rows], temperature))
+        values.append(response_slice(value, P).float())
+    batch.logprobs, batch.ref_logprobs, batch.values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    timings["time/forward"] = time.time() - started
+    return batch, {"completions": completions, **timings}
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def compute_advantages(batch: Rollout, beta: float, config: PPOConfig) -> None:
+    """KL-shaped rewards, optional reward whitening, GAE, and advantage whitening, in place."""
+    batch.rewards, batch.kl = ops.kl_shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, batch.mask, beta, config.kl.estimator)
+    if config.algo.whiten_rewards:
+        batch.rewards = ops.masked_whiten(batch.rewards, batch.mask, center=False) * batch.mask
+    advantages, batch.returns = ops.gae(batch.rewards, batch.values, batch.mask, config.algo.gamma, config.algo.lam)
+    batch.advantages = ops.masked_whiten(advantages, batch.mask) * batch.mask
+
+
+def ppo_epochs(model, optimizer, scheduler, batch: Rollout, config: PPOConfig, accelerator, bf16: bool, generator: torch.Generator) -> dict[str, float]:
+    """K epochs of clipped-PPO updates over shuffled minibatches; returns mean statistics."""
+    algo, device = config.algo, accelerator.device
+    temperature = config.generation.temperature or 1.0
+    P = batch.query.shape[1]
+    sums: dict[str, float] = {}
+    updates = 0
+    accumulation = algo.minibatch_size // algo.micro_batch_size
+    for _ in range(algo.epochs):
+        order = torch.randperm(len(batch.scores), generator=generator).tolist()
+        for start in range(0, len(order), algo.minibatch_size):
+            minibatch = order[start : start + algo.minibatch_size]
+            num_tokens = batch.mask[minibatch].sum().clamp(min=1)
+            stats: dict[str, float] = {}
+            for m in range(accumulation):
+                rows = torch.tensor(minibatch[m * algo.micro_batch_size : (m + 1) * algo.micro_batch_size], device=device)
+                mask = batch.mask[rows]
+                ids, attention, positions = batch.inputs(rows)
+                sync = accelerator.no_sync(model) if m < accumulation - 1 else contextlib.nullcontext()
+                with sync:
+                    with training.autocast(device, bf16):
+                        logits, values = model(ids, attention, positions)
+                    logits = response_slice(logits, P).float()
+                    values = response_slice(values, P).float()
+                    logprobs = ops.logprobs_from_logits(logits, batch.responses[rows], temperature)
+                    pg_loss, pg_stats = ops.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, algo.clip, num_tokens)
+                    vf_loss, vf_stats = ops.value_loss(values, batch.values[rows], batch.returns[rows], mask, algo.value_clip, num_tokens)
+                    entropy = ops.masked_sum(ops.entropy_from_logits(logits, temperature), mask) / num_tokens
+                    loss = pg_loss + algo.vf_coef * vf_loss - algo.entropy_coef * entropy
+                    accelerator.backward(loss * accelerator.num_processes)
+                named = {
+                    "loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy,
+                    "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"], "value/clipfrac": vf_stats["value_clipfrac"],
+                }
+                for key, value in named.items():
+                    stats[key] = stats.get(key, 0.0) + value.item()
+            if config.optim.grad_clip:
+                stats["train/grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            updates += 1
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+    scheduler.step()
+    return {key: value / updates for key, value in sums.items()}
+
+
+def step_metrics(batch: Rollout, beta: float) -> dict[str, float]:
+    """Checklist item 20: what the rollout says about score, reward, KL, length and EOS."""
+    kl_per_sequence = batch.kl.sum(-1)
+    lengths = batch.mask.sum(-1).float()
+    return {
+        "score/mean": batch.raw_scores.mean().item(),
+        "score/std": batch.raw_scores.std().item() if len(batch.raw_scores) > 1 else 0.0,
+        "score/penalized_mean": batch.scores.mean().item(),
+        "reward/mean": batch.rewards.sum(-1).mean().item(),
+        "kl/sequence": kl_per_sequence.mean().item(),
+        "kl/token": ops.masked_mean(batch.kl, batch.mask).item(),
+        "kl/total": batch.kl.sum().item(),
+        "kl/beta": beta,
+        "value/explained_variance": ops.explained_variance(batch.values, batch.returns, batch.mask).item(),
+        "value/mean": ops.masked_mean(batch.values, batch.mask).item(),
+        "response/length": lengths.mean().item(),
+        "response/eos_fraction": batch.ended.float().mean().item(),
+    }
+
+
+def should_stop(config: StopConfig, step: int, window: deque, kl: float) -> str | None:
+    """The reason to stop after `step`, or None."""
+    if config.kl_budget is not None and kl > config.kl_budget:
+        return f"KL budget exceeded: mean KL per sequence {kl:.3f} > {config.kl_budget}"
+    if config.reward_threshold is not None and len(window) == config.window and sum(window) / len(window) >= config.reward_threshold:
+        return f"reward threshold reached: mean score {sum(window) / len(window):.3f} over the last {config.window} steps >= {config.reward_threshold}"
+    if step >= config.max_steps:
+        return f"max steps reached ({config.max_steps})"
+    return None
+
+
+def validate(config: PPOConfig, num_processes: int) -> None:
+    """Derived sizes computed and checked once, with a clear error when they do not divide."""
+    algo = config.algo
+    if not config.policy:
+        raise ConfigError("ppo.policy is required: the SFT model to start from")
+    if not config.prompts.train:
+        raise ConfigError("ppo.prompts.train is required: one or more prompt files")
+    if algo.batch_size % num_processes or (algo.batch_size // num_processes) % algo.minibatch_size:
+        raise ConfigError(f"ppo.algo.batch_size={algo.batch_size} must split over {num_processes} process(es) into minibatches of {algo.minibatch_size}")
+    if algo.minibatch_size % algo.micro_batch_size:
+        raise ConfigError(f"ppo.algo.minibatch_size={algo.minibatch_size} must be a multiple of micro_batch_size={algo.micro_batch_size}")
+
+
+def train(config: PPOConfig) -> Path:
+    """Run PPO; returns the path of the saved policy."""
+    accelerator = Accelerator()
+    validate(config, accelerator.num_processes)
+    device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
+    torch.manual_seed(config.seed)
+    out = Path(config.output_dir)
+    checkpoint = training.latest_checkpoint(out) if config.resume else None
+
+    records = load_prompts(config.prompts.train, config.prompts.skip_invalid)
+    tokenizer = load_tokenizer(config.policy)
+    model, reference = build_models(config, tokenizer, device)
+    if checkpoint is not None:
+        load_trained(model, checkpoint)
+    max_prompt = context_length(model.policy.config) - config.generation.max_new_tokens
+    prompts = [encode_prompt(tokenizer, r.prompt, max_prompt, r.source) for r in records]
+    reward_source = load_reward_source(config.reward, device)
+
+    optimizer, scheduler = training.make_optimizer(model, config.optim, config.stop.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    kl_controller = ops.AdaptiveKLController(config.kl.beta, config.kl.target, config.kl.horizon) if config.kl.adaptive else ops.FixedKLController(config.kl.beta)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    state = {"epoch": 0, "batch": 0, "window": []}
+    if checkpoint is not None:
+        state = training.load_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        kl_controller.beta = state["beta"]
+        generator.set_state(state["generator"])
+    step = state.get("step", 0)
+    window = deque(state["window"], maxlen=config.stop.window)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        log.info("ppo: %d prompts, batch %d, bf16=%s, lora=%s, value=%s", len(prompts), config.algo.batch_size, bf16, config.lora.enabled, "head on policy" if config.value.head_on_policy else "separate")
+    tracker = Tracker(out, enabled=accelerator.is_main_process, resume_step=step)
+    samples_path = out / "samples.jsonl"
+    order = training.batches(len(prompts), config.algo.batch_size, config.seed, state["epoch"], state["batch"])
+    bar = tqdm(total=config.stop.max_steps, initial=step, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    reason = should_stop(config.stop, step, window, 0.0) if step else None
+    while reason is None:
+        epoch, index, indices = next(order)
+        local = training.shard(indices, accelerator.process_index, accelerator.num_processes)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        batch, info = rollout(unwrapped, reference, [prompts[i] for i in local], [records[i].prompt for i in local], reward_source, config, tokenizer, device, bf16)
+        compute_advantages(batch, kl_controller.beta, config)
+        model.train()
+        started = time.time()
+        train_stats = ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
+        metrics = {**step_metrics(batch, kl_controller.beta), **train_stats, "time/train": time.time() - started}
+        metrics.update({k: v for k, v in info.items() if k.startswith("time/")})
+        metrics["train/lr"] = scheduler.get_last_lr()[0]
+        kl_controller.update(metrics["kl/sequence"], config.algo.batch_size)
+        step += 1
+        window.append(metrics["score/mean"])
+        tracker.log(step, metrics)
+        if accelerator.is_main_process:
+            write_samples(samples_path, step, [records[i].prompt for i in local], info["completions"], batch, config.samples_per_step)
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['score/mean']:.3f}", kl=f"{metrics['kl/sequence']:.2f}", beta=f"{kl_controller.beta:.3f}")
+        reason = should_stop(config.stop, step, window, metrics["kl/sequence"])
+        if (step % config.save_every == 0 or reason) and accelerator.is_main_process:
+            position = {"epoch": epoch, "batch": index + 1, "window": list(window), "beta": kl_controller.beta, "generator": generator.get_state()}
+            save_trained(out, step, accelerator.unwrap_model(model), tokenizer, {**position, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+    bar.close()
+    tracker.close()
+    log.info("ppo stopped after step %d: %s", step, reason)
+    path = out / "model"
+    if accelerator.is_main_process:
+        (out / "stop_reason.txt").write_text(reason + "\n")
+        trained = accelerator.unwrap_model(model)
+        save_model(trained.policy, tokenizer, path)
+        if trained.value_model is not None:
+            save_model(trained.value_model, tokenizer, out / "value")
+    accelerator.wait_for_everyone()
+    return path
+
+
+def write_samples(path: Path, step: int, prompts: list[str], completions: list[str], batch: Rollout, n: int) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        for i in range(min(n, len(prompts))):
+            record = {"step": step, "prompt": prompts[i], "completion": completions[i], "score": batch.raw_scores[i].item(), "ended": bool(batch.ended[i])}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def save_trained(out: Path, step: int, model: PolicyAndValue, tokenizer, state: dict) -> None:
+    """A checkpoint: the policy (or its adapters) as `model/`, plus the value network or head."""
+    path = training.save_checkpoint(out, step, model.policy, tokenizer, state)
+    if model.value_head is not None:
+        torch.save(model.value_head.state_dict(), path / "value_head.pt")
+    else:
+        model.value_model.save_pretrained(path / "value")
+
+
+def load_trained(model: PolicyAndValue, checkpoint: Path) -> None:
+    """Load the trained weights of a checkpoint into freshly built models."""
+    from safetensors.torch import load_file
+
+    def load_into(module, directory: Path):
+        files = sorted(directory.glob("*.safetensors"))
+        weights = {k: v for f in files for k, v in load_file(f).items()}
+        if hasattr(module, "get_base_model"):  # peft: the adapter weights
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(module, weights)
+        else:
+            missing, unexpected = module.load_state_dict(weights, strict=False)
+            tied = set(getattr(module, "_tied_weights_keys", None) or [])
+            if unexpected or set(missing) - tied:
+                raise RuntimeError(f"{directory}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+
+    load_into(model.policy, checkpoint / "model")
+    if model.value_head is not None:
+        model.value_head.load_state_dict(torch.load(checkpoint / "value_head.pt"))
+    else:
+        load_into(model.value_model, checkpoint / "value")

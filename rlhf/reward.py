@@ -1,0 +1,297 @@
+"""Reward model: a scalar head on a transformer, trained on preferences, rankings or ratings.
+
+    rlhf reward --config recipes/demo.yaml reward.optim.epochs=2
+
+Pairs and rankings train with -log sigmoid(r_better - r_worse - margin); a ranking of K gives its
+K(K-1)/2 pairs, kept in one batch and weighted so that each ranking counts once (InstructGPT).
+Ratings train pointwise: a 0/1 thumbs-up with a logistic loss, a scalar score by regression.
+After training a bias (and optionally a gain) is fitted so that scores of reference completions
+have mean 0 (std 1), stored in the model's config as `reward_bias` / `reward_gain`:
+
+    score = reward_gain * (logit + reward_bias)
+
+Writes `output_dir/model` (loads with plain `AutoModelForSequenceClassification`), checkpoints,
+`metrics.jsonl`, TensorBoard events and `eval.json` with the held-out accuracy and margin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from rlhf import ops, training
+from rlhf.config import ConfigError, to_dict
+from rlhf.data import Comparison, DataError, Rating, load_feedback, load_prompts
+from rlhf.encoding import encode_completion, encode_prompt, pad
+from rlhf.models import LoraConfig, context_length, load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
+from rlhf.sampling import SamplingConfig, sample_texts
+from rlhf.scoring import SequenceClassifierScore
+from rlhf.tracking import Tracker
+from rlhf.training import OptimConfig, Precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardData:
+    train: list[str] = field(default_factory=list)
+    """Feedback files or hub datasets: pairs, rankings, or ratings."""
+    eval: list[str] = field(default_factory=list)
+    """Held-out feedback for accuracy; empty: hold out `eval_fraction` of `train`."""
+    eval_fraction: float = 0.1
+    """Share of `train` held out when `eval` is empty."""
+    max_length: int = 512
+    """Longest prompt + completion in tokens (capped by the model's context)."""
+    skip_invalid: bool = False
+    """Skip malformed records (and report how many) instead of stopping at the first."""
+
+
+@dataclass
+class NormalizeConfig:
+    policy: str = ""
+    """Model whose samples are the reference completions; empty: the completions of the training data."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompt files to sample reference completions from (with `policy`)."""
+    num_samples: int = 256
+    """Reference completions to score."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scale: bool = False
+    """Also fit a gain so that reference scores have standard deviation 1."""
+
+
+@dataclass
+class RewardConfig:
+    model: str = ""
+    """Model to start from (usually the SFT model): a local path or a hub id."""
+    output_dir: str = "runs/reward"
+    """Where the model, checkpoints and metrics go."""
+    data: RewardData = field(default_factory=RewardData)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, batch_size=32, micro_batch_size=16))
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    precision: Precision = "auto"
+    """fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where the hardware runs it fast."""
+    eval_every: int = 100
+    """Steps between held-out evaluations."""
+    save_every: int = 200
+    """Steps between checkpoints."""
+    log_every: int = 10
+    """Steps between metric lines."""
+    resume: bool = False
+    """Continue from the latest checkpoint in output_dir."""
+    seed: int = 0
+    """Seed for the data order, the split and the head initialisation."""
+
+
+@dataclass
+class Example:
+    """One training unit: a comparison (completions best first) or a rating (one completion)."""
+
+    sequences: list[list[int]]
+    margin: float = 0.0
+    label: float | None = None
+
+
+def encode_feedback(tokenizer, record: Comparison | Rating, max_length: int) -> Example:
+    prompt = encode_prompt(tokenizer, record.prompt, max_length, record.source)
+    if isinstance(record, Rating):
+        return Example([prompt + encode_completion(tokenizer, prompt, record.completion, max_length, record.source)], label=record.label)
+    sequences = [
+        prompt + encode_completion(tokenizer, prompt, text, max_length, record.source, record.field_name(i))
+        for i, text in enumerate(record.completions)
+    ]
+    return Example(sequences, margin=record.margin)
+
+
+def forward_scores(model, sequences: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """(N,) raw scores, read by the model at the last real token of each right-padded sequence."""
+    ids, mask = pad(sequences, pad_id)
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
+
+
+def comparison_loss(scores: torch.Tensor, examples: list[Example], n_global: int) -> torch.Tensor:
+    """Pairwise loss over every pair of every comparison; each comparison weighs 1 / n_global."""
+    better, worse, group = ops.ranking_pairs([len(e.sequences) for e in examples])
+    pairs_per_group = torch.bincount(group).float()
+    weight = 1.0 / (pairs_per_group[group] * n_global)
+    margin = torch.tensor([examples[g].margin for g in group.tolist()], device=scores.device)
+    return ops.pairwise_loss(scores[better], scores[worse], margin, weight.to(scores.device))
+
+
+def rating_loss(scores: torch.Tensor, labels: torch.Tensor, binary: bool, n_global: int) -> torch.Tensor:
+    """Pointwise loss summed over the local ratings and divided by the global batch size."""
+    if binary:
+        return F.binary_cross_entropy_with_logits(scores, labels, reduction="sum") / n_global
+    return F.mse_loss(scores, labels, reduction="sum") / n_global
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], pad_id: int, batch_size: int, device, bf16: bool) -> dict[str, float]:
+    """Held-out pairwise accuracy (ties count half) and mean margin r_better - r_worse.
+
+    For ratings the pairs are all held-out items with different labels, the higher label better.
+    """
+    model.eval()
+    scores = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        with training.autocast(device, bf16):
+            scores.append(forward_scores(model, [s for e in chunk for s in e.sequences], pad_id, device).cpu())
+    model.train()
+    scores = torch.cat(scores)
+    if examples[0].label is not None:
+        labels = torch.tensor([e.label for e in examples])
+        better, worse = torch.nonzero(labels[:, None] > labels[None, :], as_tuple=True)
+    else:
+        better, worse, _ = ops.ranking_pairs([len(e.sequences) for e in examples])
+    diff = scores[better] - scores[worse]
+    accuracy = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+    return {"accuracy": accuracy, "margin": diff.mean().item(), "pairs": float(len(diff))}
+
+
+def reference_completions(config: NormalizeConfig, records: list, device, seed: int) -> tuple[list[str], list[str]]:
+    """(prompts, completions) whose scores define the zero of the reward (checklist item 7)."""
+    rng = random.Random(seed)
+    if config.policy:
+        if not config.prompts:
+            raise ConfigError("reward.normalize.prompts is required with reward.normalize.policy")
+        prompts = [p.prompt for p in load_prompts(config.prompts)]
+        prompts = [rng.choice(prompts) for _ in range(config.num_samples)]
+        tokenizer = load_tokenizer(config.policy)
+        policy = load_causal_lm(config.policy, tokenizer).to(device)
+        completions = sample_texts(policy, tokenizer, prompts, config.sampling, desc="reference samples")
+        return prompts, completions
+    pairs = [(r.prompt, c) for r in records for c in (r.completions if isinstance(r, Comparison) else [r.completion])]
+    pairs = rng.sample(pairs, min(config.num_samples, len(pairs)))
+    return [p for p, _ in pairs], [c for _, c in pairs]
+
+
+def train(config: RewardConfig) -> Path:
+    """Train a reward model on feedback; returns the path of the saved model."""
+    if not config.model:
+        raise ConfigError("reward.model is required: a local path or a hub id (usually the SFT model)")
+    if not config.data.train:
+        raise ConfigError("reward.data.train is required: one or more feedback files")
+    accelerator = Accelerator()
+    device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
+    torch.manual_seed(config.seed)
+    out = Path(config.output_dir)
+    checkpoint = training.latest_checkpoint(out) if config.resume else None
+
+    records = load_feedback(config.data.train, config.data.skip_invalid)
+    eval_records = load_feedback(config.data.eval, config.data.skip_invalid) if config.data.eval else None
+    if len({isinstance(r, Rating) for r in records + (eval_records or [])}) > 1:
+        raise DataError(", ".join(config.data.train + config.data.eval), "mixes ratings with pairs/rankings; train them in separate runs")
+    tokenizer = load_tokenizer(config.model)
+    load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
+    model = training.build_trainable(load, config.model, config.lora, "SEQ_CLS", checkpoint)
+    max_length = min(config.data.max_length, context_length(model.config))
+    examples = [encode_feedback(tokenizer, r, max_length) for r in records]
+    if eval_records is not None:
+        held_out = [encode_feedback(tokenizer, r, max_length) for r in eval_records]
+    else:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        n_eval = max(1, int(len(examples) * config.data.eval_fraction))
+        held_out, examples = [examples[i] for i in order[:n_eval]], [examples[i] for i in order[n_eval:]]
+    ratings = examples[0].label is not None
+    binary = ratings and all(e.label in (0.0, 1.0) for e in examples)
+    if ratings and not binary:  # regress standardised scores; the fitted bias re-centres afterwards
+        labels = torch.tensor([e.label for e in examples])
+        mean, std = labels.mean().item(), labels.std().clamp(min=1e-6).item()
+        for e in examples + held_out:
+            e.label = (e.label - mean) / std
+
+    optim = config.optim
+    accumulation = training.micro_batches_per_step(optim, accelerator.num_processes)
+    total_steps = optim.max_steps or optim.epochs * (len(examples) // optim.batch_size)
+    optimizer, scheduler = training.make_optimizer(model, optim, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = {"epoch": 0, "batch": 0}
+    if checkpoint is not None:
+        state = training.load_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    step = state.get("step", 0)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        kind = "binary ratings" if binary else "scalar ratings" if ratings else "comparisons"
+        log.info("reward: %d train / %d held-out %s, %d steps, bf16=%s, lora=%s", len(examples), len(held_out), kind, total_steps, bf16, config.lora.enabled)
+    tracker = Tracker(out, enabled=accelerator.is_main_process, resume_step=step)
+
+    model.train()
+    order = training.batches(len(examples), optim.batch_size, config.seed, state["epoch"], state["batch"])
+    bar = tqdm(total=total_steps, initial=step, desc="reward", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    started, seen = time.time(), 0
+    while step < total_steps:
+        epoch, index, indices = next(order)
+        local = training.shard([examples[i] for i in indices], accelerator.process_index, accelerator.num_processes)
+        micro = len(local) // accumulation
+        loss_sum = 0.0
+        for m in range(accumulation):
+            chunk = local[m * micro : (m + 1) * micro]
+            sync = accelerator.no_sync(model) if m < accumulation - 1 else contextlib.nullcontext()
+            with sync, training.autocast(device, bf16):
+                scores = forward_scores(model, [s for e in chunk for s in e.sequences], tokenizer.pad_token_id, device)
+                if ratings:
+                    labels = torch.tensor([e.label for e in chunk], device=device)
+                    loss = rating_loss(scores, labels, binary, optim.batch_size)
+                else:
+                    loss = comparison_loss(scores, chunk, optim.batch_size)
+                accelerator.backward(loss * accelerator.num_processes)  # DDP averages over processes
+            loss_sum += loss.item()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip) if optim.grad_clip else torch.tensor(0.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seen += len(indices)
+        loss_value = accelerator.reduce(torch.tensor(loss_sum, device=device), "sum").item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        metrics = {}
+        if step % config.log_every == 0 or step == total_steps:
+            metrics.update({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), "train/examples_per_s": seen / (time.time() - started)})
+        if step % config.eval_every == 0 or step == total_steps:
+            result = evaluate(model, held_out, tokenizer.pad_token_id, optim.micro_batch_size, device, bf16)
+            metrics.update({f"eval/{k}": v for k, v in result.items()})
+            bar.write(f"step {step}: held-out accuracy {result['accuracy']:.3f}, margin {result['margin']:.3f}")
+        if metrics:
+            tracker.log(step, metrics)
+        if (step % config.save_every == 0 or step == total_steps) and accelerator.is_main_process:
+            position = {"epoch": epoch, "batch": index + 1}
+            training.save_checkpoint(out, step, accelerator.unwrap_model(model), tokenizer, {**position, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+    bar.close()
+    tracker.close()
+
+    result = evaluate(model, held_out, tokenizer.pad_token_id, optim.micro_batch_size, device, bf16)
+    path = out / "model"
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model)
+        bias, gain = fit_normalization(SequenceClassifierScore(model, tokenizer), config.normalize, records, device, config.seed)
+        save_model(model, tokenizer, path, {"reward_bias": bias, "reward_gain": gain})
+        result.update({"reward_bias": bias, "reward_gain": gain, "steps": step})
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        log.info("reward: held-out accuracy %.3f, margin %.3f; bias %.3f gain %.3f; saved %s", result["accuracy"], result["margin"], bias, gain, path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def fit_normalization(raw_score: SequenceClassifierScore, config: NormalizeConfig, records: list, device, seed: int) -> tuple[float, float]:
+    """The bias (and gain) that give reference completions a mean score of 0 (and std 1)."""
+    prompts, completions = reference_completions(config, records, device, seed)
+    raw = raw_score(prompts, completions)
+    bias = -raw.mean().item()
+    gain = 1.0 / raw.std().clamp(min=1e-6).item() if config.scale and len(raw) > 1 else 1.0
+    return bias, gain

@@ -1,0 +1,142 @@
+"""Reward sources: anything that turns (prompt, completion) texts into one score each.
+
+    kind: model       a reward model trained by `rlhf reward` (its stored bias/gain applied)
+    kind: classifier  an existing sequence classifier; the logit of `label` scores the completion
+    kind: function    a Python function `module:function`, called as
+                      fn(prompts=[...], completions=[...]) -> list[float]  (TRL's signature)
+
+    rlhf score --reward runs/demo/reward/model --input samples.jsonl --out scored.jsonl
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf.config import ConfigError
+from rlhf.data import DataError, load_demonstrations, write_jsonl
+from rlhf.encoding import pad
+from rlhf.models import context_length, load_sequence_classifier, load_tokenizer
+
+
+class RewardSource(Protocol):
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        """(B,) float32 scores, one per (prompt, completion)."""
+
+
+@dataclass
+class RewardSourceConfig:
+    kind: Literal["model", "classifier", "function"] = "model"
+    """A trained reward model, an existing classifier, or a Python function."""
+    path: str = ""
+    """Model directory or hub id; for a function, `module:function`."""
+    label: str = ""
+    """Classifier only: the label (name or index) whose logit is the reward, e.g. "not toxic"."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+
+
+class SequenceClassifierScore:
+    """Scores from a sequence-classification model, read at the last real token (checklist item 4).
+
+    A trained reward model sees prompt + completion + EOS, as in training, and its stored
+    normalisation `reward_gain * (logit + reward_bias)` is applied. A classifier sees the
+    completion alone, the text it was trained to judge.
+    """
+
+    def __init__(self, model, tokenizer, label_index: int = 0, reward_model: bool = True, batch_size: int = 32, bias: float = 0.0, gain: float = 1.0):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.index, self.is_reward_model = label_index, reward_model
+        self.bias, self.gain, self.batch_size = bias, gain, batch_size
+        self.device = next(model.parameters()).device
+        self.max_length = context_length(model.config)
+
+    @classmethod
+    def from_pretrained(cls, path: str, label: str | None = None, batch_size: int = 32, device: str | torch.device = "cpu"):
+        """`label` None: a reward model trained by rlhf; else the classifier label to read."""
+        reward_model = label is None
+        tokenizer = load_tokenizer(path, require_eos=reward_model)
+        model = load_sequence_classifier(path, tokenizer).to(device)
+        config = model.config
+        if reward_model:
+            bias, gain = float(getattr(config, "reward_bias", 0.0)), float(getattr(config, "reward_gain", 1.0))
+            return cls(model, tokenizer, 0, True, batch_size, bias, gain)
+        return cls(model, tokenizer, label_index(config, label, path), False, batch_size)
+
+    def encode(self, prompt: str, completion: str) -> list[int]:
+        tok = self.tokenizer
+        if not self.is_reward_model:
+            return tok(completion, truncation=True, max_length=min(self.max_length, tok.model_max_length))["input_ids"]
+        ids = tok(prompt)["input_ids"] + tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return ids[-self.max_length :]  # an over-long prompt loses its start; the score is read at the end
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        scores = []
+        for i in range(0, len(prompts), self.batch_size):
+            seqs = [self.encode(p, c) for p, c in zip(prompts[i : i + self.batch_size], completions[i : i + self.batch_size])]
+            ids, mask = pad(seqs, self.tokenizer.pad_token_id)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            scores.append(logits[:, self.index].float().cpu())
+        return self.gain * (torch.cat(scores) + self.bias)
+
+
+def label_index(config, label: str, path: str) -> int:
+    """The index of a classifier label given by name (as in config.id2label) or number."""
+    if label.isdigit() and int(label) < config.num_labels:
+        return int(label)
+    names = {str(name).lower(): int(i) for i, name in config.id2label.items()}
+    if label.lower() in names:
+        return names[label.lower()]
+    raise ConfigError(f"{path}: no label {label!r}; the classifier has {sorted(config.id2label.values())}")
+
+
+class FunctionScore:
+    """A Python function `module:function` with TRL's reward-function signature."""
+
+    def __init__(self, spec: str):
+        module, _, name = spec.partition(":")
+        if not name:
+            raise ConfigError(f"reward function {spec!r} must look like module:function")
+        if os.getcwd() not in sys.path:  # a module of the user's project, as `python -m` would find it
+            sys.path.insert(0, os.getcwd())
+        self.fn = getattr(importlib.import_module(module), name)
+        self.spec = spec
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        scores = self.fn(prompts=prompts, completions=completions)
+        if len(scores) != len(prompts):
+            raise ValueError(f"{self.spec} returned {len(scores)} scores for {len(prompts)} completions")
+        return torch.tensor([float(s) for s in scores], dtype=torch.float32)
+
+
+def load_reward_source(config: RewardSourceConfig, device: str | torch.device = "cpu") -> RewardSource:
+    if not config.path:
+        raise ConfigError("the reward source needs a path (a model directory, hub id or module:function)")
+    if config.kind == "function":
+        return FunctionScore(config.path)
+    if config.kind == "classifier" and not config.label:
+        raise ConfigError(f"{config.path}: a classifier reward needs `label`, the class whose logit is the reward")
+    label = config.label if config.kind == "classifier" else None
+    return SequenceClassifierScore.from_pretrained(config.path, label, config.batch_size, device)
+
+
+def score_file(source: RewardSource, input_path: str | Path, out_path: str | Path, batch_size: int = 64) -> list[float]:
+    """Score every {prompt, completion} record of a file; write the records with a `score` field."""
+    records = load_demonstrations(input_path)
+    for record in records:
+        if record.messages is not None:
+            raise DataError(record.source, "rlhf score reads {prompt, completion} records", "messages")
+    scores: list[float] = []
+    for i in tqdm(range(0, len(records), batch_size), desc="scoring", dynamic_ncols=True):
+        chunk = records[i : i + batch_size]
+        scores.extend(source([r.prompt for r in chunk], [r.completion for r in chunk]).tolist())
+    write_jsonl(out_path, [{"prompt": r.prompt, "completion": r.completion, "score": s} for r, s in zip(records, scores)])
+    return scores

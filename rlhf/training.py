@@ -1,0 +1,172 @@
+"""What the training stages share: optimiser settings, precision, batch order, checkpoints.
+
+Every stage runs its own loop on `accelerate` (one process, or `accelerate launch` for data
+parallel). Checkpoints hold the model as `save_pretrained` writes it plus `state.pt` (optimiser,
+scheduler, RNG streams, step, data position, and whatever else the stage adds), written
+atomically, so a resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import numpy as np
+import torch
+from transformers import get_scheduler
+
+from rlhf.config import ConfigError
+from rlhf.models import LoraConfig, add_lora, atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the schedule."""
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold (0 turns it off)."""
+    batch_size: int = 32
+    """Examples per optimiser step, over all processes."""
+    micro_batch_size: int = 32
+    """Examples per forward pass on one process; gradients accumulate up to `batch_size`."""
+    epochs: int = 1
+    """Passes over the training data."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps (0: run all epochs)."""
+
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX or AVX512-BF16, where bf16 matrix products beat fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_bf16(precision: Precision, device: torch.device) -> bool:
+    """Whether to run forward passes under bf16 autocast (weights and optimiser stay fp32).
+
+    `auto` picks bf16 where it is fast: CUDA with bf16 support, or a CPU with AMX/AVX512-BF16.
+    Elsewhere bf16 matrix products are emulated and far slower than fp32.
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_fast_bf16()
+
+
+def autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def micro_batches_per_step(optim: OptimConfig, num_processes: int) -> int:
+    """Gradient-accumulation steps: batch_size = micro_batch_size x processes x this; checked once."""
+    per_process, rest = divmod(optim.batch_size, num_processes)
+    if rest or per_process % min(optim.micro_batch_size, per_process):
+        raise ConfigError(
+            f"optim.batch_size={optim.batch_size} must split evenly over {num_processes} process(es) "
+            f"and then into micro-batches of optim.micro_batch_size={optim.micro_batch_size}"
+        )
+    return per_process // min(optim.micro_batch_size, per_process)
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    scheduler = get_scheduler(optim.schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation seeded by (seed, epoch), a partial last batch dropped."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This process's contiguous share of a global batch."""
+    per = len(items) // world
+    return items[rank * per : (rank + 1) * per]
+
+
+def build_trainable(load: Callable[[str], torch.nn.Module], name: str, lora: LoraConfig, task_type: str, checkpoint: Path | None):
+    """Load `name` (or the checkpoint being resumed) and add LoRA adapters when asked."""
+    if checkpoint is not None and not lora.enabled:
+        return load(str(checkpoint / "model"))
+    model = load(name)
+    if not lora.enabled:
+        return model
+    if checkpoint is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(checkpoint / "model"), is_trainable=True)
+    return add_lora(model, lora, task_type)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int = 2) -> Path:
+    """Write `run_dir/checkpoints/step-N` atomically (model, tokenizer, state.pt); keep the last `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    path = root / f"step-{step:07d}"
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    checkpoints = sorted((Path(run_dir) / "checkpoints").glob("step-*"))
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_state(checkpoint: Path) -> dict:
+    """The state saved with a checkpoint; the RNG streams are restored as a side effect."""
+    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    set_rng_state(state["rng"])
+    log.info("resuming from %s (step %d)", checkpoint, state["step"])
+    return state
+
+
+def batches(n: int, batch_size: int, seed: int, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, batch index, indices) forever, starting at a saved data position."""
+    epoch, index = start_epoch, start_batch
+    while True:
+        order = batch_order(n, batch_size, seed, epoch)
+        if not order:
+            raise ConfigError(f"{n} examples are fewer than one batch of {batch_size}")
+        for i in range(index, len(order)):
+            yield epoch, i, order[i]
+        epoch, index = epoch + 1, 0

@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny tokenizer and GPT-2 model built locally in a second, and small data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never reach a hub: every model is built here
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+TOPICS = {
+    "password": "Click forgot password on the login page.",
+    "refund": "Refunds reach your card within five days.",
+    "shipping": "Standard shipping takes three days.",
+    "invoice": "Invoices are on your account page.",
+}
+
+
+def prompt_for(topic: str) -> str:
+    return f"User: How do I get help with my {topic}?\nAssistant:"
+
+
+def good_reply(topic: str) -> str:
+    return f" {TOPICS[topic]} Happy to help."
+
+
+def bad_reply(topic: str, rng: random.Random) -> str:
+    other = rng.choice([t for t in TOPICS if t != topic])
+    return f" {TOPICS[other]} Whatever."
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer GPT-2 with a byte-level BPE tokenizer and no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    import torch
+
+    rng = random.Random(0)
+    texts = [prompt_for(t) + rng.choice([good_reply(t), bad_reply(t, rng)]) for t in TOPICS for _ in range(20)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    path = tmp_path_factory.mktemp("tiny") / "base"
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """Demonstrations and pairwise preferences where the right-topic polite reply is better."""
+    rng = random.Random(1)
+    root = tmp_path_factory.mktemp("data")
+    demos, prefs = [], []
+    for _ in range(128):
+        topic = rng.choice(list(TOPICS))
+        demos.append({"prompt": prompt_for(topic), "completion": good_reply(topic)})
+        prefs.append({"prompt": prompt_for(topic), "chosen": good_reply(topic), "rejected": bad_reply(topic, rng), "labeler": "t"})
+    return {"sft": write_jsonl(root / "sft.jsonl", demos), "prefs": write_jsonl(root / "prefs.jsonl", prefs)}
+
+
+def length_reward(prompts, completions, **kwargs):
+    """A Python-function reward source for tests: the completion's length."""
+    return [len(c) for c in completions]
