@@ -1,5 +1,5 @@
 """End to end in a real browser: sign in with an invite, answer with the keyboard alone, undo,
-export, and check that untrusted text stays inert.
+export, train a reward model on the export, and check that untrusted text stays inert.
 
 Screenshots of the three task pages and the admin page go to $RLHF_SCREENSHOTS when it is set
 (docs/screenshots/ holds the committed ones), else to the test's temporary directory.
@@ -7,6 +7,8 @@ Screenshots of the three task pages and the admin page go to $RLHF_SCREENSHOTS w
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import subprocess
@@ -96,7 +98,18 @@ def item_on(page) -> int:
     return int(re.search(r"/items/(\d+)/answer", page.get_attribute("form.answer", "action")).group(1))
 
 
-def test_label_with_the_keyboard_undo_and_export(browser, serve, tmp_path):
+def long_context_model(tiny_model_dir: Path, path: Path) -> Path:
+    """The shared tiny GPT-2 with 512 positions instead of 64, so that the page texts fit."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.n_positions = 512
+    GPT2LMHeadModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
+def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path, tiny_model_dir):
     shots = shots_dir(tmp_path)
 
     # ---- a pair project: three labelers, each item to all three ---------------------------
@@ -181,6 +194,23 @@ def test_label_with_the_keyboard_undo_and_export(browser, serve, tmp_path):
     assert rank_record.completions == [RANK_RECORDS[0][1][c] for c in ranking.value]
     (rate_record,) = load_feedback(out["ratings"])
     assert isinstance(rate_record, Rating) and rate_record.label == 6
+
+    # ---- a reward model trained on the exported pairs and ranking with `rlhf reward` --------
+    model = long_context_model(tiny_model_dir, tmp_path / "base")
+    overrides = [
+        f"reward.model={model}",
+        f"reward.output_dir={tmp_path / 'rm'}",
+        f"reward.data.train=[{out['pairs']},{out['ranks']}]",
+        "reward.data.eval_fraction=0.2",
+        "reward.optim.batch_size=4",
+        "reward.optim.micro_batch_size=4",
+        "reward.precision=fp32",
+    ]
+    result = subprocess.run([sys.executable, "-m", "rlhf", "reward", *overrides], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    assert metrics["steps"] == 2 and math.isfinite(metrics["margin"])  # 8 of 10 comparisons train, 4 a step
+    assert (tmp_path / "rm" / "model" / "config.json").exists()
 
 
 XSS = {
