@@ -206,7 +206,8 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
         "reward.optim.micro_batch_size=4",
         "reward.precision=fp32",
     ]
-    result = subprocess.run([sys.executable, "-m", "rlhf", "reward", *overrides], cwd=ROOT, capture_output=True, text=True)
+    command = [sys.executable, "-m", "rlhf", "reward", *overrides]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "rm" / "eval.json").read_text())
     assert metrics["steps"] == 2 and math.isfinite(metrics["margin"])  # 8 of 10 comparisons train, 4 a step
