@@ -4,7 +4,8 @@
     python -m rlhf.label add-labeler alice --db feedback.sqlite [--admin]
     python -m rlhf.label export --db feedback.sqlite --out prefs.jsonl
 
-The main CLI mounts these with `add_label_parser(subparsers)` and calls `args.func(args)`.
+The main CLI mounts these with `add_label_parser(subparsers)` and, for `rlhf label ...`, calls
+`run(args)`, which returns the exit status and prints errors without a traceback.
 """
 
 from __future__ import annotations
@@ -112,7 +113,10 @@ def add_label_parser(subparsers) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argparse.ArgumentParser(prog="python -m rlhf.label", description=__doc__,
                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except (DataError, StoreError, ValueError) as exc:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import re
 
-from rlhf.label.cli import add_label_parser, main
+from rlhf.label.cli import add_label_parser, main, run
 from rlhf.label.db import Store
 
 from .conftest import make_project, write_candidates
 
 
-def test_mounts_on_the_main_cli():
+def test_mounts_on_the_main_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     parser = argparse.ArgumentParser(prog="rlhf")
     add_label_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["label", "export", "--db", "f.sqlite", "--out", "prefs.jsonl"])
     assert args.func.__name__ == "export_command" and str(args.out) == "prefs.jsonl"
+    assert run(parser.parse_args(["label", "serve", "--db", "missing.sqlite", "--overlap", "0"])) == 2
 
 
 def test_add_labeler_prints_a_one_time_link(tmp_path, capsys):
