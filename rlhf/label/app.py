@@ -1,0 +1,396 @@
+"""The labeling web app: an ASGI app (Starlette) with server-rendered pages and one static script.
+
+    app = create_app("feedback.sqlite")          # a project made by `rlhf label serve`
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Pages: /login (the only one open without a session), /label (the next item of the signed-in
+labeler), /answers (their own answers), /admin and /admin/items/N (admins only). Forms post to
+/items/N/answer and /answers/N/undo and are answered with a redirect, so the app works without
+JavaScript; /static/label.js adds the keyboard shortcuts.
+
+Untrusted text (prompts, completions, reasons, names) goes through Jinja's autoescaping only;
+no template marks data safe, and the Content-Security-Policy allows scripts from /static alone.
+Every state-changing request needs the session's CSRF token and, when the browser sends one, an
+Origin of this server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import random
+import re
+import secrets
+import time
+from pathlib import Path
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from rlhf.label import agreement
+from rlhf.label.db import SESSION_SECONDS, Answer, Item, Project, Session, Store, StoreError
+
+HERE = Path(__file__).parent
+COOKIE = "rlhf_label_session"
+MAX_BODY = 64 * 1024
+MAX_REASON = 2000
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
+STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
+BAD_INVITE = "This invite link is not valid or was already used."
+
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    # The invite token is in the login URL: no Referer to other sites. ("no-referrer" would also
+    # make chromium send "Origin: null" on our own form posts, which the Origin check refuses.)
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
+
+
+class SecurityHeaders:
+    """ASGI middleware: security headers on every response, no caching of pages, and a cap on
+    request bodies (413) so a client cannot make the server buffer an unbounded form."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        is_static = scope["path"].startswith("/static/")
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", [])) + SECURITY_HEADERS
+                if not is_static:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            response = JSONResponse({"error": f"request body over {MAX_BODY} bytes"}, status_code=413)
+            return await response(scope, receive, send_with_headers)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY:
+                raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send_with_headers)
+
+
+# ---------------------------------------------------------------- presentation helpers
+
+
+def display_order(item_id: int, labeler_id: int, size: int) -> list[int]:
+    """The order in which a labeler sees an item's completions (shown position -> completion).
+
+    Shuffled per labeler so that position bias (the left one looks better) averages out across
+    labelers; seeded by the ids so that a reload shows the same order and the server can map the
+    posted position back without trusting the form.
+    """
+    order = list(range(size))
+    random.Random(f"{item_id}:{labeler_id}").shuffle(order)
+    return order
+
+
+def describe(project: Project, value: object, names: dict[int, str]) -> str:
+    """An answer in words; `names` gives each completion index its name on the page (A, B, #1...)."""
+    if value is None:
+        return "skipped"
+    if project.task == "pair":
+        return "tie" if value == "tie" else f"{names[value]} better"
+    if project.task == "rank":
+        return " > ".join(names[c] for c in value)
+    if project.scale == "thumbs":
+        return "thumbs up" if value == 1 else "thumbs down"
+    return f"{value} / 7"
+
+
+def labeler_names(project: Project, item: Item, labeler_id: int) -> dict[int, str]:
+    order = display_order(item.id, labeler_id, len(item.completions))
+    if project.task == "pair":
+        return {completion: "AB"[shown] for shown, completion in enumerate(order)}
+    return {completion: str(shown + 1) for shown, completion in enumerate(order)}
+
+
+def admin_names(item: Item) -> dict[int, str]:
+    return {c: f"#{c + 1}" for c in range(len(item.completions))}
+
+
+def when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(timestamp))
+
+
+def fraction(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def excerpt(text: str, size: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= size else text[: size - 1] + "…"
+
+
+# ---------------------------------------------------------------- parsing answers
+
+
+def parse_value(project: Project, item: Item, labeler_id: int, form: FormData) -> object:
+    """The canonical answer from a posted form, or a 422 that says what is expected."""
+    choice = form.get("choice", "")
+    if choice == "skip":
+        return None
+    order = display_order(item.id, labeler_id, len(item.completions))
+    if project.task == "pair":
+        if choice == "a":
+            return order[0]
+        if choice == "b":
+            return order[1]
+        if choice == "tie":
+            return "tie"
+        raise HTTPException(422, f"choice must be one of a, b, tie, skip; got {choice!r}")
+    if project.task == "rank":
+        if choice not in ("", "rank"):
+            raise HTTPException(422, f"choice must be rank or skip; got {choice!r}")
+        k = len(item.completions)
+        ranks = []
+        for shown in range(k):
+            raw = form.get(f"rank_{shown}", "")
+            if not raw.isdigit() or not 1 <= int(raw) <= k:
+                raise HTTPException(422, f"rank_{shown} must be a whole number from 1 to {k}; got {raw!r}")
+            ranks.append(int(raw))
+        if sorted(ranks) != list(range(1, k + 1)):
+            raise HTTPException(422, f"give each of the {k} completions a different rank from 1 to {k}")
+        return [order[shown] for shown in sorted(range(k), key=lambda s: ranks[s])]
+    if project.scale == "thumbs":
+        if choice in ("up", "down"):
+            return 1 if choice == "up" else 0
+        raise HTTPException(422, f"choice must be one of up, down, skip; got {choice!r}")
+    if choice in {str(n) for n in range(1, 8)}:
+        return int(choice)
+    raise HTTPException(422, f"choice must be a whole number from 1 to 7 or skip; got {choice!r}")
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(db_path: str | Path) -> SecurityHeaders:
+    store = Store(db_path)
+    project = store.project()
+    if project is None:
+        raise StoreError("not_found", f"{db_path} holds no project yet: run `rlhf label serve --candidates ...` once")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    env.globals.update(when=when, fraction=fraction, percent=percent, excerpt=excerpt, project=project)
+
+    def render(name: str, code: int = 200, **context) -> HTMLResponse:
+        context.setdefault("session", None)
+        return HTMLResponse(env.get_template(name).render(**context), status_code=code)
+
+    # ------------------------------------------------------------ sessions and CSRF
+
+    async def session_of(request: Request, admin: bool = False) -> Session:
+        token = request.cookies.get(COOKIE)
+        session = await run_in_threadpool(store.session, token) if token else None
+        if session is None:
+            raise HTTPException(401, "Sign in first: open the invite link you were given.")
+        if admin and not session.labeler.is_admin:
+            raise HTTPException(403, "This page is for project admins.")
+        return session
+
+    def check_origin(request: Request) -> None:
+        origin = request.headers.get("origin")
+        if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
+            raise HTTPException(403, "This request came from another site.")
+
+    async def read_form(request: Request) -> FormData:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        if content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            raise HTTPException(415, "Send the form as application/x-www-form-urlencoded.")
+        return await request.form(max_files=0, max_fields=64)
+
+    async def checked_post(request: Request) -> tuple[Session, FormData]:
+        """The session and form of a state-changing request, with its CSRF token checked."""
+        session = await session_of(request)
+        check_origin(request)
+        form = await read_form(request)
+        token = form.get("csrf") or request.headers.get("x-csrf-token") or ""
+        if not hmac.compare_digest(str(token).encode(), session.csrf.encode()):
+            raise HTTPException(403, "The form's security token is missing or wrong: reload the page and try again.")
+        return session, form
+
+    # ------------------------------------------------------------ sign in and out
+
+    async def login_page(request: Request) -> Response:
+        token = request.query_params.get("token", "")
+        labeler = await run_in_threadpool(store.invited, token) if token else None
+        if token and labeler is None:
+            return render("login.html", 403, token="", invitee=None, error=BAD_INVITE)
+        return render("login.html", token=token, invitee=labeler, error=None)
+
+    async def login(request: Request) -> Response:
+        check_origin(request)
+        form = await read_form(request)
+        token = str(form.get("token", "")).strip()
+        opened = await run_in_threadpool(store.redeem_invite, token) if token else None
+        if opened is None:
+            return render("login.html", 403, token="", invitee=None, error=BAD_INVITE)
+        session_token, _ = opened
+        response = RedirectResponse("/label", status_code=303)
+        response.set_cookie(
+            COOKIE, session_token, max_age=SESSION_SECONDS, httponly=True, samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    async def logout(request: Request) -> Response:
+        await checked_post(request)
+        await run_in_threadpool(store.end_session, request.cookies[COOKIE])
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
+
+    # ------------------------------------------------------------ labeling
+
+    async def home(request: Request) -> Response:
+        await session_of(request)
+        return RedirectResponse("/label", status_code=303)
+
+    def page_state(labeler_id: int) -> tuple[Item | None, dict, Answer | None]:
+        item = store.next_item(labeler_id, project.overlap)
+        return item, store.progress(labeler_id, project.overlap), store.last_answer(labeler_id)
+
+    async def label_page(request: Request) -> Response:
+        session = await session_of(request)
+        labeler = session.labeler
+        item, progress, last = await run_in_threadpool(page_state, labeler.id)
+        context = dict(
+            session=session, progress=progress, last=last,
+            notice={"saved": "Answer saved.", "undone": "Answer undone: here it is again."}.get(
+                request.query_params.get("done", "")
+            ),
+        )
+        if item is None:
+            return render("done.html", **context)
+        order = display_order(item.id, labeler.id, len(item.completions))
+        shown = [(position, completion, item.completions[completion]) for position, completion in enumerate(order)]
+        return render(f"{project.task}.html", item=item, shown=shown, key=secrets.token_urlsafe(16), **context)
+
+    async def answer(request: Request) -> Response:
+        session, form = await checked_post(request)
+        item_id = request.path_params["item_id"]
+        key = str(form.get("key", ""))
+        if not KEY_PATTERN.fullmatch(key):
+            raise HTTPException(422, "key (the idempotency key) must be 8 to 64 letters, digits, - or _.")
+        reason = str(form.get("reason", "")).strip()
+        if len(reason) > MAX_REASON:
+            raise HTTPException(422, f"reason must be at most {MAX_REASON} characters; got {len(reason)}.")
+        item = await run_in_threadpool(store.item, item_id)
+        if item is None:
+            raise HTTPException(404, f"item {item_id} is not in your queue")
+        value = parse_value(project, item, session.labeler.id, form)
+        await run_in_threadpool(store.submit, session.labeler.id, item_id, value, reason, key)
+        return RedirectResponse("/label?done=saved", status_code=303)
+
+    async def undo(request: Request) -> Response:
+        session, _ = await checked_post(request)
+        await run_in_threadpool(store.undo, session.labeler.id, request.path_params["answer_id"])
+        return RedirectResponse("/label?done=undone", status_code=303)
+
+    async def my_answers(request: Request) -> Response:
+        session = await session_of(request)
+        rows = await run_in_threadpool(store.answers_of, session.labeler.id)
+        answers = [
+            (a, item, describe(project, a.value, labeler_names(project, item, session.labeler.id))) for a, item in rows
+        ]
+        return render("answers.html", session=session, answers=answers)
+
+    # ------------------------------------------------------------ admin
+
+    def admin_state() -> dict:
+        overview = store.overview(project.overlap)
+        live = [a for a in store.live_answers() if a.value is not None]
+        by_item: dict[int, dict[str, object]] = {}
+        for a in live:
+            by_item.setdefault(a.item_id, {})[a.labeler] = tuple(a.value) if isinstance(a.value, list) else a.value
+        summary = agreement.summarize(project.task, project.scale, by_item)
+        shown = summary["disagreements"][:50]
+        items = store.items([d["item"] for d in shown])
+        for d in shown:
+            item = items[d["item"]]
+            names = admin_names(item)
+            d["prompt"] = item.prompt
+            d["answers"] = {
+                name: describe(project, list(v) if isinstance(v, tuple) else v, names)
+                for name, v in sorted(d["answers"].items())
+            }
+        return {"overview": overview, "summary": summary, "disagreements": shown}
+
+    async def admin_page(request: Request) -> Response:
+        session = await session_of(request, admin=True)
+        state = await run_in_threadpool(admin_state)
+        return render("admin.html", session=session, **state)
+
+    async def admin_item(request: Request) -> Response:
+        session = await session_of(request, admin=True)
+        item_id = request.path_params["item_id"]
+        item = await run_in_threadpool(store.item, item_id)
+        if item is None:
+            raise HTTPException(404, f"there is no item {item_id}")
+        answers = await run_in_threadpool(store.live_answers, item_id)
+        names = admin_names(item)
+        rows = [(a, describe(project, a.value, names)) for a in answers]
+        return render("admin_item.html", session=session, item=item, answers=rows)
+
+    # ------------------------------------------------------------ errors
+
+    def wants_html(request: Request) -> bool:
+        return "text/html" in request.headers.get("accept", "")
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if wants_html(request):
+            return render("error.html", exc.status_code, status=exc.status_code, message=exc.detail)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    async def store_error(request: Request, exc: StoreError) -> Response:
+        return await http_error(request, HTTPException(STATUS[exc.kind], str(exc)))
+
+    routes = [
+        Route("/", home),
+        Route("/login", login_page, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/label", label_page, methods=["GET"]),
+        Route("/items/{item_id:int}/answer", answer, methods=["POST"]),
+        Route("/answers", my_answers, methods=["GET"]),
+        Route("/answers/{answer_id:int}/undo", undo, methods=["POST"]),
+        Route("/admin", admin_page, methods=["GET"]),
+        Route("/admin/items/{item_id:int}", admin_item, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, StoreError: store_error})
+    app.state.store = store
+    return SecurityHeaders(app)

@@ -1,0 +1,124 @@
+"""`rlhf label ...`: serve the labeling app, invite labelers, export their answers.
+
+    python -m rlhf.label serve --candidates candidates.jsonl --db feedback.sqlite --task pair --overlap 2
+    python -m rlhf.label add-labeler alice --db feedback.sqlite [--admin]
+    python -m rlhf.label export --db feedback.sqlite --out prefs.jsonl
+
+The main CLI mounts these with `add_label_parser(subparsers)` and, for `rlhf label ...`, calls
+`run(args)`, which returns the exit status and prints errors without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rlhf.data import DataError, load_candidates
+from rlhf.label.db import SCALES, TASKS, Project, Store, StoreError, build_items
+from rlhf.label.export import export
+
+
+def serve(args: argparse.Namespace) -> int:
+    store = Store(args.db)
+    stored = store.project()
+    if stored is None and not args.candidates:
+        raise StoreError("invalid", f"{args.db} holds no project yet: pass --candidates FILE to start one")
+    records = list(load_candidates(args.candidates)) if args.candidates else []
+    # A new project takes the flags (or their defaults); an existing one keeps its settings,
+    # and a flag that contradicts them is an error.
+    project = Project(
+        args.task or (stored.task if stored else "pair"),
+        args.overlap if args.overlap is not None else (stored.overlap if stored else 1),
+        args.scale or (stored.scale if stored else "thumbs"),
+    )
+    items, dropped = build_items(records, project.task)
+    if stored is None and not items:
+        raise StoreError("invalid", f"{args.candidates} gives no {project.task} items")
+    store.set_project(project)
+    if args.candidates:
+        added = store.add_items(items)
+        print(f"{args.candidates}: {added} new items ({len(items) - added} already in {args.db})", file=sys.stderr)
+        if dropped:
+            print(f"  left out {dropped} empty or repeated completions", file=sys.stderr)
+    count = len(store.items())
+    store.close()
+
+    import uvicorn
+
+    from rlhf.label.app import create_app
+
+    url = f"http://{args.host}:{args.port}"
+    print(
+        f"Serving {count} {project.task} items (each to {project.overlap} labelers) at {url}\n"
+        f"Invite labelers with: python -m rlhf.label add-labeler NAME --db {args.db} --base-url {url}",
+        file=sys.stderr,
+    )
+    uvicorn.run(create_app(args.db), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def add_labeler(args: argparse.Namespace) -> int:
+    name = args.name.strip()
+    if not name or len(name) > 64:
+        raise StoreError("invalid", "a labeler name must be 1 to 64 characters")
+    token, created = Store(args.db).add_labeler(name, is_admin=args.admin)
+    what = "new labeler" if created else "new invite for existing labeler (any earlier unused invite stops working)"
+    print(f"{what} {name}{' (admin)' if args.admin else ''}; the invite works once:", file=sys.stderr)
+    print(f"{args.base_url.rstrip('/')}/login?token={token}")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    counts = export(Store(args.db), args.out)
+    kept = ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind in ("pairs", "rankings", "ratings") and n)
+    left = ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind not in ("pairs", "rankings", "ratings") and n)
+    print(f"wrote {kept or 'no records'} to {args.out}" + (f"; left out {left}" if left else ""), file=sys.stderr)
+    return 0
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    commands = parser.add_subparsers(dest="label_command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("serve", help="serve the labeling app (the first run creates the project)")
+    p.add_argument("--candidates", type=Path, help="candidates file to add items from (as `rlhf generate` writes)")
+    p.add_argument("--db", type=Path, default=Path("feedback.sqlite"), help="the project's SQLite file")
+    p.add_argument("--task", choices=TASKS, help="new project: pair (A/B/tie/skip, the default), rank K, or rate one")
+    p.add_argument("--overlap", type=int, help="new project: how many different labelers answer each item (1)")
+    p.add_argument("--scale", choices=SCALES, help="new rate project: thumbs (the default) or 1-7")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=serve)
+
+    p = commands.add_parser("add-labeler", help="add a labeler and print their one-time invite link")
+    p.add_argument("name")
+    p.add_argument("--db", type=Path, default=Path("feedback.sqlite"))
+    p.add_argument("--admin", action="store_true", help="may open the admin page")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="where labelers reach the server")
+    p.set_defaults(func=add_labeler)
+
+    p = commands.add_parser("export", help="write the answers as feedback records that `rlhf reward` reads")
+    p.add_argument("--db", type=Path, default=Path("feedback.sqlite"))
+    p.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    p.set_defaults(func=export_command)
+    return parser
+
+
+def add_label_parser(subparsers) -> argparse.ArgumentParser:
+    """Mount `label` on the main CLI's subparsers."""
+    return build_parser(subparsers.add_parser("label", help="human feedback web app", description=__doc__,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(argparse.ArgumentParser(prog="python -m rlhf.label", description=__doc__,
+                                                  formatter_class=argparse.RawDescriptionHelpFormatter))
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return args.func(args)
+    except (DataError, StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

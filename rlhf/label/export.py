@@ -1,0 +1,59 @@
+"""Answers out as the feedback records of `rlhf.data` that `rlhf reward` reads directly.
+
+    pair    {"prompt", "chosen", "rejected", "labeler", "timestamp", "reason"?}
+    rank    {"prompt", "completions": [best, ..., worst], "labeler", "timestamp", "reason"?}
+    rate    {"prompt", "completion", "label", "labeler", "timestamp", "reason"?}   label: 0/1 or 1..7
+
+Ties and skips carry no preference and are left out; so are undone answers. `timestamp` is the
+time the answer was stored, in UTC (ISO 8601).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+from rlhf.data import write_jsonl
+from rlhf.label.db import Store
+
+
+def records(store: Store) -> tuple[list[dict], Counter]:
+    project = store.project()
+    if project is None:
+        raise ValueError(f"{store.path} holds no labeling project")
+    items = store.items()
+    out, counts = [], Counter()
+    for answer in store.live_answers():
+        item = items[answer.item_id]
+        if answer.value is None:
+            counts["skips"] += 1
+            continue
+        if answer.value == "tie":
+            counts["ties"] += 1
+            continue
+        record: dict = {"prompt": item.prompt}
+        if project.task == "pair":
+            record["chosen"] = item.completions[answer.value]
+            record["rejected"] = item.completions[1 - answer.value]
+            counts["pairs"] += 1
+        elif project.task == "rank":
+            record["completions"] = [item.completions[c] for c in answer.value]
+            counts["rankings"] += 1
+        else:
+            record["completion"] = item.completions[0]
+            record["label"] = answer.value
+            counts["ratings"] += 1
+        record["labeler"] = answer.labeler
+        record["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(answer.created_at))
+        if answer.reason:
+            record["reason"] = answer.reason
+        out.append(record)
+    return out, counts
+
+
+def export(store: Store, path: str | Path) -> Counter:
+    """Write the records to `path` (atomically); returns counts of what was written and left out."""
+    out, counts = records(store)
+    write_jsonl(path, out)
+    return counts

@@ -1,0 +1,254 @@
+"""End to end in a real browser: sign in with an invite, answer with the keyboard alone, undo,
+export, train a reward model on the export, and check that untrusted text stays inert.
+
+Screenshots of the three task pages and the admin page go to $RLHF_SCREENSHOTS when it is set
+(docs/screenshots/ holds the committed ones), else to the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from rlhf.data import Comparison, Rating, load_feedback
+from rlhf.label.db import Store
+
+from .conftest import ROOT, Labeler, make_project
+
+PAIR_RECORDS = [
+    (
+        "Explain in two sentences what a reward model is in RLHF.",
+        [
+            "A reward model is a network trained on human comparisons to score a response to a prompt. "
+            "During PPO its score stands in for the human, so the policy can be optimised against it.",
+            "It is the model that gives rewards.",
+            "A reward model predicts which of two responses a person would prefer; its scalar output is "
+            "then used as the reward signal when fine-tuning the language model with reinforcement learning.",
+        ],
+    ),
+    (
+        "Write a haiku about autumn rain.",
+        [
+            "Cold rain on the roof\nmaple leaves drift down the drain\nthe kettle begins",
+            "Autumn rain is wet. It falls from the sky in autumn. The end.",
+        ],
+    ),
+    (
+        "What does `git rebase -i HEAD~3` do?",
+        [
+            "It opens an editor listing the last three commits so you can reorder, squash, edit or drop "
+            "them; git then replays them on top of HEAD~3.",
+            "It deletes your last three commits.",
+        ],
+    ),
+]
+RANK_RECORDS = [
+    (
+        "Suggest a name for a small bakery that specialises in sourdough.",
+        ["Rise & Crumb", "Bakery Number One", "The Slow Loaf", "Bread Shop"],
+    ),
+]
+RATE_RECORDS = [
+    (
+        "Summarise: 'The meeting moved from Tuesday to Thursday at 3 pm because the room was booked.'",
+        ["The meeting is now on Thursday at 3 pm, since the room was taken on Tuesday."],
+    ),
+]
+
+
+def shots_dir(tmp_path: Path) -> Path:
+    path = Path(os.environ.get("RLHF_SCREENSHOTS") or tmp_path / "screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cli(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "rlhf.label", *args], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def sign_in(browser, server, db: Path, name: str, admin: bool = False):
+    """A fresh browser context (its own cookies) signed in with an invite from the real CLI."""
+    link = cli("add-labeler", name, "--db", str(db), "--base-url", server.url, *(["--admin"] if admin else []))
+    assert re.fullmatch(rf"{re.escape(server.url)}/login\?token=[\w-]+", link)
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    page.goto(link)
+    assert "This invite is for" in page.inner_text("main")
+    page.keyboard.press("Enter")  # the sign-in button has the focus
+    page.wait_for_url(f"{server.url}/label")
+    return page
+
+
+def press(page, key: str, expect: str = "done=saved") -> None:
+    """Press a shortcut that submits, and wait for the next page."""
+    with page.expect_navigation(url=re.compile(expect)):
+        page.keyboard.press(key)
+
+
+def item_on(page) -> int:
+    return int(re.search(r"/items/(\d+)/answer", page.get_attribute("form.answer", "action")).group(1))
+
+
+def long_context_model(tiny_model_dir: Path, path: Path) -> Path:
+    """The shared tiny GPT-2 with 512 positions instead of 64, so that the page texts fit."""
+    from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.n_positions = 512
+    GPT2LMHeadModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
+def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path, tiny_model_dir):
+    shots = shots_dir(tmp_path)
+
+    # ---- a pair project: three labelers, each item to all three ---------------------------
+    pair_db = make_project(tmp_path, "pair", PAIR_RECORDS, overlap=3, name="pairs")
+    server = serve(pair_db)
+    page = sign_in(browser, server, pair_db, "alice", admin=True)
+    assert "0</strong> answered" in page.inner_html(".status")
+
+    first = item_on(page)
+    shown_a = int(page.get_attribute('[data-side="a"]', "data-candidate"))
+    page.keyboard.press("r")
+    page.keyboard.type("Response A is precise <b>and</b> short.")
+    page.keyboard.press("Escape")
+    press(page, "a")
+    assert page.inner_text(".notice") == "Answer saved."
+
+    second = item_on(page)
+    press(page, "b")
+    press(page, "u", expect="done=undone")  # take back the answer to the second item
+    assert item_on(page) == second
+    assert "Answer undone" in page.inner_text(".notice")
+    press(page, "t")  # this time: a tie
+    page.screenshot(path=str(shots / "pair.png"), full_page=True)
+
+    answers = {a.item_id: a for a in Store(pair_db).live_answers()}
+    assert answers[first].value == shown_a and answers[first].reason == "Response A is precise <b>and</b> short."
+    assert answers[second].value == "tie"
+    assert len(answers) == 2
+
+    # Two more labelers answer over plain HTTP, so that the admin page has agreement to show.
+    for name, choice in [("bob", "a"), ("carol", "b")]:
+        with httpx.Client(base_url=server.url) as client:
+            other = Labeler(client, Store(pair_db).add_labeler(name)[0])
+            for _ in range(4):
+                assert other.answer({"choice": choice}).status_code == 303
+                other.open()
+    page.goto(f"{server.url}/admin")
+    assert page.inner_text('[data-labeler="bob"] [data-stat="answered"]') == "4"
+    assert page.inner_text('section.card [data-stat="alpha"]') != ""
+    page.screenshot(path=str(shots / "admin.png"), full_page=True)
+
+    # ---- a ranking ---------------------------------------------------------------------------
+    rank_db = make_project(tmp_path, "rank", RANK_RECORDS, name="ranks")
+    server = serve(rank_db)
+    page = sign_in(browser, server, rank_db, "alice")
+    shown = [int(page.get_attribute(f'[data-position="{p}"]', "data-candidate")) for p in range(4)]
+    for key in ["3", "1", "4"]:  # the fourth follows: the one left is the worst
+        page.keyboard.press(key)
+    assert page.inner_text("output.ranking") == "3 > 1 > 4 > 2"
+    page.keyboard.press("Backspace")
+    page.keyboard.press("Backspace")
+    assert page.inner_text("output.ranking") == "3 > 1"
+    page.keyboard.press("4")
+    assert page.inner_text("output.ranking") == "3 > 1 > 4 > 2"
+    page.screenshot(path=str(shots / "rank.png"), full_page=True)
+    press(page, "Enter")
+    (ranking,) = Store(rank_db).live_answers()
+    assert ranking.value == [shown[2], shown[0], shown[3], shown[1]]
+
+    # ---- a rating on the 1-7 scale ---------------------------------------------------------
+    rate_db = make_project(tmp_path, "rate", RATE_RECORDS, scale="1-7", name="ratings")
+    server = serve(rate_db)
+    page = sign_in(browser, server, rate_db, "alice")
+    page.screenshot(path=str(shots / "rate.png"), full_page=True)
+    press(page, "6")
+    assert "Nothing left for you" in page.inner_text("main")
+    (rating,) = Store(rate_db).live_answers()
+    assert rating.value == 6
+
+    # ---- export: files that `load_feedback` (and so `rlhf reward`) reads directly -----------
+    out = {}
+    for name, db in [("pairs", pair_db), ("ranks", rank_db), ("ratings", rate_db)]:
+        out[name] = tmp_path / f"{name}.jsonl"
+        cli("export", "--db", str(db), "--out", str(out[name]))
+    pairs = load_feedback(out["pairs"])
+    assert all(isinstance(r, Comparison) and len(r.completions) == 2 for r in pairs)
+    alice_pair = next(r for r in pairs if r.labeler == "alice")  # her tie is left out
+    item = Store(pair_db).item(first)
+    assert alice_pair.completions == [item.completions[shown_a], item.completions[1 - shown_a]]
+    assert len(pairs) == 1 + 4 + 4
+    (rank_record,) = load_feedback(out["ranks"])
+    assert rank_record.completions == [RANK_RECORDS[0][1][c] for c in ranking.value]
+    (rate_record,) = load_feedback(out["ratings"])
+    assert isinstance(rate_record, Rating) and rate_record.label == 6
+
+    # ---- a reward model trained on the exported pairs and ranking with `rlhf reward` --------
+    model = long_context_model(tiny_model_dir, tmp_path / "base")
+    overrides = [
+        f"reward.model={model}",
+        f"reward.output_dir={tmp_path / 'rm'}",
+        f"reward.data.train=[{out['pairs']},{out['ranks']}]",
+        "reward.data.eval_fraction=0.2",
+        "reward.optim.batch_size=4",
+        "reward.optim.micro_batch_size=4",
+        "reward.precision=fp32",
+    ]
+    command = [sys.executable, "-m", "rlhf", "reward", *overrides]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    assert metrics["steps"] == 2 and math.isfinite(metrics["margin"])  # 8 of 10 comparisons train, 4 a step
+    assert (tmp_path / "rm" / "model" / "config.json").exists()
+
+
+XSS = {
+    "script": "<script>window.__pwned = 'script'</script>",
+    "img": "<img src=x onerror=\"window.__pwned = 'img'\">",
+    "link": "<a href=\"javascript:window.__pwned = 'link'\">click me</a>",
+}
+
+
+def test_untrusted_text_renders_inert(browser, serve, tmp_path):
+    records = [(f"Prompt with {XSS['script']}", [f"{XSS['img']} and {XSS['link']}", f"plain {XSS['script']}"])]
+    db = make_project(tmp_path, "pair", records)
+    server = serve(db)
+    page = sign_in(browser, server, db, f"mallory {XSS['img']}", admin=True)
+    dialogs, violations = [], []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+    page.reload()
+
+    # The text shows literally and makes no elements.
+    texts = page.locator(".text").all_inner_texts()
+    assert any(XSS["img"] in t and XSS["link"] in t for t in texts)
+    assert any(XSS["script"] in t for t in texts)
+    assert page.evaluate("document.querySelectorAll('.text *').length") == 0
+    assert page.evaluate("document.querySelectorAll('img, a[href^=\"javascript\"]').length") == 0
+    assert XSS["img"] in page.inner_text(".who .name")
+    page.get_by_text("click me", exact=False).first.click()
+    assert page.evaluate("window.__pwned") is None
+
+    # A reason typed by a labeler is untrusted too: the admin's item page shows it as text.
+    page.keyboard.press("r")
+    page.keyboard.type(XSS["img"])
+    page.keyboard.press("Escape")
+    press(page, "a")
+    page.goto(f"{server.url}/admin/items/1")
+    assert XSS["img"] in page.inner_text("main")
+    page.goto(f"{server.url}/admin")
+    assert page.evaluate("window.__pwned") is None
+    assert page.evaluate("document.querySelectorAll('main img').length") == 0
+    assert dialogs == [] and violations == []

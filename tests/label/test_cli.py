@@ -1,0 +1,61 @@
+"""The `rlhf label` commands: mounting on the main CLI, invites, project settings."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from rlhf.label.cli import add_label_parser, main, run
+from rlhf.label.db import Store
+
+from .conftest import make_project, write_candidates
+
+
+def test_mounts_on_the_main_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser(prog="rlhf")
+    add_label_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["label", "export", "--db", "f.sqlite", "--out", "prefs.jsonl"])
+    assert args.func.__name__ == "export_command" and str(args.out) == "prefs.jsonl"
+    assert run(parser.parse_args(["label", "serve", "--db", "missing.sqlite", "--overlap", "0"])) == 2
+
+
+def test_add_labeler_prints_a_one_time_link(tmp_path, capsys):
+    db = make_project(tmp_path, "pair", [("p", ["x", "y"])])
+    assert main(["add-labeler", "alice", "--db", str(db), "--base-url", "https://label.example/"]) == 0
+    first = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"https://label\.example/login\?token=[\w-]{32}", first)
+    token = first.split("=", 1)[1]
+    assert Store(db).invited(token).name == "alice"
+    # Asking again (a lost link) gives a new invite; the old one stops working.
+    assert main(["add-labeler", "alice", "--db", str(db)]) == 0
+    second = capsys.readouterr().out.strip().split("=", 1)[1]
+    assert Store(db).invited(token) is None and Store(db).invited(second).name == "alice"
+    assert main(["add-labeler", " ", "--db", str(db)]) == 2
+
+
+def test_serve_refuses_to_change_a_project(tmp_path, capsys):
+    db = make_project(tmp_path, "rank", [("p", ["x", "y", "z"])], overlap=2)
+    candidates = write_candidates(tmp_path / "more.jsonl", [("q", ["a", "b"])])
+    for flags in (["--task", "pair"], ["--overlap", "3"], ["--overlap", "0"]):
+        assert main(["serve", "--db", str(db), "--candidates", str(candidates), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "cannot change to task=pair" in err and "overlap must be a whole number >= 1" in err
+    assert len(Store(db).items()) == 1  # nothing was added
+
+
+def test_serve_reports_a_bad_candidates_file(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "candidates": "not a list"}\n')
+    assert main(["serve", "--db", str(tmp_path / "f.sqlite"), "--candidates", str(bad)]) == 2
+    assert "bad.jsonl:1: field 'candidates'" in capsys.readouterr().err
+    assert Store(tmp_path / "f.sqlite").project() is None
+
+
+def test_a_failed_first_serve_leaves_no_project(tmp_path, capsys):
+    db = tmp_path / "f.sqlite"
+    assert main(["serve", "--db", str(db)]) == 2
+    single = write_candidates(tmp_path / "single.jsonl", [("p", ["only one"])])
+    assert main(["serve", "--db", str(db), "--candidates", str(single), "--task", "pair"]) == 2
+    assert "gives no pair items" in capsys.readouterr().err
+    assert Store(db).project() is None
