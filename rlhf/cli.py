@@ -5,6 +5,8 @@
     rlhf ppo      --config recipes/demo.yaml [section.key=value ...]
     rlhf eval     --config recipes/demo.yaml [section.key=value ...]
     rlhf score    --reward runs/demo/reward/model --input samples.jsonl --out scored.jsonl
+    rlhf generate --model runs/demo/sft/model --prompts prompts.jsonl --out candidates.jsonl --num 4
+    rlhf label    serve | add-labeler | export      (the human feedback web app)
     rlhf pipeline recipes/demo.yaml [section.key=value ...]
     rlhf demo data --out DIR          rlhf demo base --out DIR
 
@@ -67,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--input", required=True, help="file of {prompt, completion} records")
     score.add_argument("--out", required=True, help="JSONL output: the records with a `score` field")
 
+    generate = subparsers.add_parser("generate", help="sample K candidate completions per prompt for labeling")
+    generate.add_argument("--model", required=True, help="model directory or hub id")
+    generate.add_argument("--prompts", required=True, nargs="+", help="prompt files ({prompt} records)")
+    generate.add_argument("--out", required=True, help="candidates JSONL to write")
+    generate.add_argument("--num", type=int, default=4, help="completions per prompt")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--seed", type=int, default=0)
+
+    from rlhf.label.cli import add_label_parser
+
+    add_label_parser(subparsers)
+
     pipeline = subparsers.add_parser("pipeline", help="run SFT, reward model, PPO and evaluation from one recipe")
     pipeline.add_argument("recipe", help="recipe YAML file")
     pipeline.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -91,6 +108,10 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if args.command == "label":
+        from rlhf.label.cli import run as run_label
+
+        sys.exit(run_label(args))
     try:
         run(args)
     except (ConfigError, DataError, OSError) as exc:  # OSError: a model or file that cannot be read
@@ -113,6 +134,13 @@ def run(args: argparse.Namespace) -> None:
         source = load_reward_source(RewardSourceConfig(kind=args.kind, path=args.reward, label=args.label))
         scores = score_file(source, args.input, args.out)
         print(f"scored {len(scores)} records, mean {sum(scores) / len(scores):.4f}: {args.out}")
+    elif args.command == "generate":
+        from rlhf.generate import generate
+        from rlhf.sampling import SamplingConfig
+
+        sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+        n = generate(args.model, args.prompts, args.out, args.num, sampling, args.seed)
+        print(f"wrote {args.num} candidates for each of {n} prompts to {args.out}")
     elif args.command == "demo" and args.demo_command == "data":
         from rlhf.demo.build import build
 

@@ -1,0 +1,36 @@
+"""Candidate completions for labeling: K samples per prompt from any causal LM.
+
+    rlhf generate --model runs/demo/sft/model --prompts prompts.jsonl --out candidates.jsonl --num 4
+
+Every candidate records the model and the sampling settings it came from; the file is what
+`rlhf label serve --candidates` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from rlhf.data import Candidate, Candidates, load_prompts, write_jsonl
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.sampling import SamplingConfig, sample_texts
+
+
+def generate(model: str, prompts: list[str], out: str | Path, num: int, sampling: SamplingConfig, seed: int = 0, batch_size: int = 32) -> int:
+    """Write `num` candidates for every prompt of the prompt files; returns the number of prompts."""
+    records = load_prompts(prompts)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(model)
+    policy = load_causal_lm(model, tokenizer).to(device)
+    torch.manual_seed(seed)
+    texts = [r.prompt for r in records for _ in range(num)]
+    completions = sample_texts(policy, tokenizer, texts, sampling, batch_size, desc="generating")
+    settings = {**asdict(sampling), "seed": seed}
+    rows = [
+        Candidates(r.prompt, [Candidate(c, model, settings) for c in completions[i * num : (i + 1) * num]], r.source).to_record()
+        for i, r in enumerate(records)
+    ]
+    write_jsonl(out, rows)
+    return len(rows)

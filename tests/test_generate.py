@@ -1,0 +1,26 @@
+"""`rlhf generate`: K candidates per prompt, the sampling settings recorded, readable by the app."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from rlhf.data import load_candidates
+
+
+def test_generate_writes_k_candidates_per_prompt(tiny_model_dir, tiny_prompts, tmp_path):
+    out = tmp_path / "candidates.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf", "generate", "--model", str(tiny_model_dir), "--prompts", str(tiny_prompts),
+         "--out", str(out), "--num", "3", "--max-new-tokens", "6", "--temperature", "0.9", "--seed", "7"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    records = load_candidates(out)
+    assert len(records) == 64
+    for record in records:
+        assert len(record.candidates) == 3
+        for candidate in record.candidates:
+            assert candidate.model == str(tiny_model_dir)
+            assert candidate.sampling == {"temperature": 0.9, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6, "seed": 7}
+    assert len({c.completion for r in records for c in r.candidates}) > 64  # sampled, not one greedy answer
