@@ -88,13 +88,14 @@ def load_sequence_classifier(name: str, tokenizer=None, num_labels: int | None =
     return model
 
 
-def score_head(model) -> torch.nn.Linear:
-    """The linear head of a sequence-classification model (named `score` or `classifier`)."""
-    for name in ("score", "classifier", "classification_head"):
+def score_head(model) -> torch.nn.Module:
+    """The head of a sequence-classification model (`score` or `classifier`): a Linear, or the
+    wrapper peft puts around it when it trains the head beside LoRA adapters."""
+    for name in ("score", "classifier"):
         head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Linear):
+        if isinstance(head, torch.nn.Module):
             return head
-    raise ValueError(f"{type(model).__name__}: no linear score head found")
+    raise ValueError(f"{type(model).__name__}: no score head found (expected `score` or `classifier`)")
 
 
 def add_lora(model, config: LoraConfig, task_type: str):

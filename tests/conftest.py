@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never reach a hub: every model is built here
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as rlhf/__init__.py; set before torch loads
 
 import pytest  # noqa: E402
 import transformers  # noqa: E402
@@ -82,14 +83,31 @@ def length_reward(prompts, completions, **kwargs):
     return [len(c) for c in completions]
 
 
-def letter_e_reward(prompts, completions, **kwargs):
-    """An easy reward for the learning test: the share of characters that are the letter e, x10."""
-    return [10 * c.count("e") / max(len(c), 1) for c in completions]
+def polite_reward(prompts, completions, **kwargs):
+    """The learning test's reward: +1 for a polite close, -1 for a rude one."""
+    return [("Happy to help" in c) - ("Whatever" in c) for c in completions]
 
 
-def exclamation_reward(prompts, completions, **kwargs):
-    """A reward that can be gamed without limit: one point per '!' in the completion."""
-    return [float(c.count("!")) for c in completions]
+@pytest.fixture(scope="session")
+def tiny_sft_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model fine-tuned on replies that close politely half the time and rudely otherwise."""
+    from rlhf import sft
+
+    rng = random.Random(6)
+    root = tmp_path_factory.mktemp("sft")
+    demos = []
+    for _ in range(256):
+        topic = rng.choice(list(TOPICS))
+        demos.append({"prompt": prompt_for(topic), "completion": good_reply(topic) if rng.random() < 0.5 else f" {TOPICS[topic]} Whatever."})
+    config = sft.SFTConfig(
+        model=str(tiny_model_dir),
+        output_dir=str(root / "run"),
+        data=sft.SFTData(train=[str(write_jsonl(root / "mixed.jsonl", demos))]),
+        optim=sft.OptimConfig(lr=3e-3, batch_size=16, micro_batch_size=16, epochs=8),
+        eval_every=1000,
+        precision="fp32",
+    )
+    return sft.train(config)
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +115,8 @@ def tiny_prompts(tmp_path_factory) -> Path:
     rng = random.Random(4)
     root = tmp_path_factory.mktemp("prompts")
     return write_jsonl(root / "prompts.jsonl", [{"prompt": prompt_for(rng.choice(list(TOPICS)))} for _ in range(64)])
+
+
+def word_count_reward(prompts, completions, **kwargs):
+    """A reward that can be gamed without limit: one point per word, whatever the words."""
+    return [float(len(c.split())) for c in completions]

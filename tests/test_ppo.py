@@ -21,7 +21,7 @@ def make_config(policy, prompts, out, **stop) -> ppo.PPOConfig:
         policy=str(policy),
         output_dir=str(out),
         prompts=ppo.PromptData(train=[str(prompts)]),
-        reward=RewardSourceConfig(kind="function", path="conftest:letter_e_reward"),
+        reward=RewardSourceConfig(kind="function", path="conftest:polite_reward"),
         generation=SamplingConfig(temperature=1.0, max_new_tokens=8),
         algo=ppo.PPOAlgoConfig(batch_size=16, minibatch_size=8, micro_batch_size=4, epochs=2),
         optim=ppo.PPOOptimConfig(lr=1e-3, schedule="constant"),
@@ -78,36 +78,43 @@ def test_same_seed_gives_the_same_run(tiny_model_dir, tiny_prompts, tmp_path):
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     for x, y in zip(a, b):
         for key in x:
-            if not key.startswith("time") and key != "train/grad_norm" or key == "train/grad_norm":
-                if not key.startswith("time"):
-                    assert x[key] == y[key], key
+            if not key.startswith("time"):
+                assert x[key] == y[key], key
     assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
 
 
-def test_ppo_raises_an_easy_reward(tiny_model_dir, tiny_prompts, tmp_path):
+def test_ppo_raises_an_easy_reward(tiny_sft_dir, tiny_prompts, tmp_path):
+    # The policy closes its replies politely about half the time; the reward pays for politeness.
     started = time.time()
-    ppo.train(make_config(tiny_model_dir, tiny_prompts, tmp_path, max_steps=15))
+    config = make_config(tiny_sft_dir, tiny_prompts, tmp_path, max_steps=15)
+    config.generation.max_new_tokens = 16
+    ppo.train(config)
     scores = [m["score/mean"] for m in read_metrics(tmp_path)]
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     print(f"score {first:.3f} -> {last:.3f} in {time.time() - started:.1f}s")
-    assert last > first + 0.5 and last > 1.5 * first
+    assert first < 0.4 and last > first + 0.5
 
 
-def test_without_kl_penalty_a_gameable_reward_drives_kl_up_and_the_budget_stops_it(tiny_model_dir, tiny_prompts, tmp_path):
-    config = make_config(tiny_model_dir, tiny_prompts, tmp_path / "free", max_steps=12)
-    config.reward.path, config.kl.beta = "conftest:exclamation_reward", 0.0
-    ppo.train(config)
+def gameable(config: ppo.PPOConfig) -> ppo.PPOConfig:
+    """One point per word and no missing-EOS penalty: rambling on pays without limit."""
+    config.reward.path, config.algo.missing_eos_penalty = "conftest:word_count_reward", 0.0
+    config.generation.max_new_tokens, config.kl.beta = 24, 0.0
+    return config
+
+
+def test_without_kl_penalty_a_gameable_reward_drives_kl_up_and_the_budget_stops_it(tiny_sft_dir, tiny_prompts, tmp_path):
+    ppo.train(gameable(make_config(tiny_sft_dir, tiny_prompts, tmp_path / "free", max_steps=12)))
     kls = [m["kl/sequence"] for m in read_metrics(tmp_path / "free")]
-    assert kls[-1] > 5 * max(kls[0], 0.05) and kls[-1] > 2.0
+    print("KL per step with beta = 0:", [round(k, 1) for k in kls])
+    thirds = [sum(kls[i : i + 4]) / 4 for i in (0, 4, 8)]
+    assert thirds[0] < thirds[1] < thirds[2] and kls[-1] > 20  # still climbing, far past any budget
     assert (tmp_path / "free" / "stop_reason.txt").read_text().startswith("max steps")
 
-    guarded = make_config(tiny_model_dir, tiny_prompts, tmp_path / "guarded", max_steps=12, kl_budget=1.0)
-    guarded.reward.path, guarded.kl.beta = "conftest:exclamation_reward", 0.0
-    ppo.train(guarded)
+    ppo.train(gameable(make_config(tiny_sft_dir, tiny_prompts, tmp_path / "guarded", max_steps=12, kl_budget=5.0)))
     metrics = read_metrics(tmp_path / "guarded")
     reason = (tmp_path / "guarded" / "stop_reason.txt").read_text()
     assert reason.startswith("KL budget exceeded") and len(metrics) < 12
-    assert metrics[-1]["kl/sequence"] > 1.0 and all(m["kl/sequence"] <= 1.0 for m in metrics[:-1])
+    assert metrics[-1]["kl/sequence"] > 5.0 and all(m["kl/sequence"] <= 5.0 for m in metrics[:-1])
 
 
 class Crash(Exception):
@@ -134,7 +141,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_model_dir, t
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
     for x, y in zip(a, b):
         for key in x:
-            if not key.startswith("time") and key != "time":
+            if not key.startswith("time"):
                 assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
 
 
