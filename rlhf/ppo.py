@@ -441,7 +441,7 @@ def train(config: PPOConfig) -> Path:
         train_stats = ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
         metrics = {**step_metrics(batch, kl_controller.beta), **train_stats, "time/train": time.time() - started}
         metrics.update({k: v for k, v in info.items() if k.startswith("time/")})
-        metrics["train/lr"] = scheduler.get_last_lr()[0]
+        metrics.update({"train/lr": scheduler.get_last_lr()[0], **training.peak_memory()})
         kl_controller.update(metrics["kl/sequence"], config.algo.batch_size)
         step += 1
         window.append(metrics["score/mean"])

@@ -262,7 +262,7 @@ def train(config: RewardConfig) -> Path:
         bar.set_postfix(loss=f"{loss_value:.3f}")
         metrics = {}
         if step % config.log_every == 0 or step == total_steps:
-            metrics.update({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), "train/examples_per_s": seen / (time.time() - started)})
+            metrics.update({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), **training.peak_memory(), "train/examples_per_s": seen / (time.time() - started)})
         if step % config.eval_every == 0 or step == total_steps:
             result = evaluate(model, held_out, tokenizer.pad_token_id, optim.micro_batch_size, device, bf16)
             metrics.update({f"eval/{k}": v for k, v in result.items()})

@@ -177,7 +177,7 @@ def train(config: SFTConfig) -> Path:
         bar.set_postfix(loss=f"{loss_value:.3f}")
         metrics = {}
         if step % config.log_every == 0 or step == total_steps:
-            metrics.update({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens_seen / (time.time() - started)})
+            metrics.update({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), **training.peak_memory(), "train/tokens_per_s": tokens_seen / (time.time() - started)})
         if step % config.eval_every == 0 or step == total_steps:
             metrics["eval/loss"] = eval_loss(model, held_out, tokenizer.pad_token_id, optim.micro_batch_size, device, bf16)
             bar.write(f"step {step}: eval loss {metrics['eval/loss']:.4f}")

@@ -124,6 +124,16 @@ def build_trainable(load: Callable[[str], torch.nn.Module], name: str, lora: Lor
     return add_lora(model, lora, task_type)
 
 
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process so far (and peak CUDA memory when on a GPU), in GiB."""
+    import resource
+
+    stats = {"memory/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        stats["memory/peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return stats
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
