@@ -32,23 +32,9 @@ from rlhf.encoding import encode_completion, encode_prompt, pad
 from rlhf.models import LoraConfig, context_length, load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
 from rlhf.sampling import SamplingConfig, sample_texts
 from rlhf.scoring import SequenceClassifierScore
-from rlhf.training import OptimConfig, Precision
+from rlhf.training import DataConfig, OptimConfig, Precision
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RewardData:
-    train: list[str] = field(default_factory=list)
-    """Feedback files or hub datasets: pairs, rankings, or ratings."""
-    eval: list[str] = field(default_factory=list)
-    """Held-out feedback for accuracy; empty: hold out `eval_fraction` of `train`."""
-    eval_fraction: float = 0.1
-    """Share of `train` held out when `eval` is empty."""
-    max_length: int = 512
-    """Longest prompt + completion in tokens (capped by the model's context)."""
-    skip_invalid: bool = False
-    """Skip malformed records (and report how many) instead of stopping at the first."""
 
 
 @dataclass
@@ -70,7 +56,7 @@ class RewardConfig:
     """Model to start from (usually the SFT model): a local path or a hub id."""
     output_dir: str = "runs/reward"
     """Where the model, checkpoints and metrics go."""
-    data: RewardData = field(default_factory=RewardData)
+    data: DataConfig = field(default_factory=lambda: DataConfig(eval_fraction=0.1))
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, batch_size=32, micro_batch_size=16))
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)

@@ -20,23 +20,9 @@ from rlhf.data import load_demonstrations
 from rlhf.encoding import FALLBACK_CHAT_TEMPLATE, IGNORE, encode_demonstration, pad
 from rlhf.models import LoraConfig, context_length, load_causal_lm, load_tokenizer, save_model
 from rlhf import training
-from rlhf.training import OptimConfig, Precision
+from rlhf.training import DataConfig, OptimConfig, Precision
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class SFTData:
-    train: list[str] = field(default_factory=list)
-    """Demonstration files or hub datasets ({prompt, completion} or {messages})."""
-    eval: list[str] = field(default_factory=list)
-    """Held-out demonstrations; empty: hold out `eval_fraction` of `train`."""
-    eval_fraction: float = 0.05
-    """Share of `train` held out for the eval loss when `eval` is empty."""
-    max_length: int = 512
-    """Longest prompt + completion in tokens (capped by the model's context)."""
-    skip_invalid: bool = False
-    """Skip malformed records (and report how many) instead of stopping at the first."""
-
 
 @dataclass
 class SFTConfig:
@@ -44,7 +30,7 @@ class SFTConfig:
     """Base model: a local path or a hub id."""
     output_dir: str = "runs/sft"
     """Where the model, checkpoints and metrics go."""
-    data: SFTData = field(default_factory=SFTData)
+    data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, epochs=2))
     precision: Precision = "auto"

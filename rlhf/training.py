@@ -13,7 +13,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
@@ -28,6 +28,20 @@ from rlhf.models import LoraConfig, add_lora, atomic_dir
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Training files or hub datasets, in the stage's record format."""
+    eval: list[str] = field(default_factory=list)
+    """Held-out files for evaluation; empty: hold out `eval_fraction` of `train`."""
+    eval_fraction: float = 0.05
+    """Share of `train` held out when `eval` is empty."""
+    max_length: int = 512
+    """Longest prompt + completion in tokens (capped by the model's context)."""
+    skip_invalid: bool = False
+    """Skip malformed records (and report how many) instead of stopping at the first."""
 
 
 @dataclass
@@ -270,7 +284,7 @@ def run_steps(
             save_checkpoint(out, step, accelerator.unwrap_model(model), tokenizer, position)
     bar.close()
     tracker.close()
-    return model, result
+    return model, {**result, "steps": step}
 
 
 def batches(n: int, batch_size: int, seed: int, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, list[int]]]:
