@@ -29,7 +29,7 @@ from rlhf import ops, training
 from rlhf.config import ConfigError
 from rlhf.data import Comparison, DataError, Rating, load_feedback, load_prompts
 from rlhf.encoding import encode_completion, encode_prompt, pad
-from rlhf.models import LoraConfig, context_length, load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
+from rlhf.models import LoraConfig, context_length, dropout_off, load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
 from rlhf.sampling import SamplingConfig, sample_texts
 from rlhf.scoring import SequenceClassifierScore
 from rlhf.training import DataConfig, OptimConfig, Precision
@@ -62,6 +62,8 @@ class RewardConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     precision: Precision = "auto"
     """fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where the hardware runs it fast."""
+    disable_dropout: bool = True
+    """Train without dropout, as TRL's and OpenRLHF's reward trainers do: scores stay deterministic."""
     eval_every: int = 100
     """Steps between held-out evaluations."""
     save_every: int = 200
@@ -174,6 +176,8 @@ def train(config: RewardConfig) -> Path:
     tokenizer = load_tokenizer(config.model)
     load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
     model = training.build_trainable(load, config.model, config.lora, "SEQ_CLS", checkpoint)
+    if config.disable_dropout:
+        dropout_off(model)
     max_length = min(config.data.max_length, context_length(model.config))
     examples = [encode_feedback(tokenizer, r, max_length) for r in records]
     if eval_records is not None:

@@ -44,6 +44,7 @@ def test_pairs_train_a_model_that_loads_with_plain_transformers(tiny_model_dir, 
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert model.config.num_labels == 1 and "reward_bias" in model.config.to_dict()
+    assert model.config.resid_pdrop == model.config.attn_pdrop == 0.0  # trained without dropout
     rng = random.Random(5)
     texts = [(prompt_for(t), good_reply(t), bad_reply(t, rng)) for t in TOPICS]
     with torch.no_grad():
