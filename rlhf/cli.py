@@ -8,6 +8,7 @@
     rlhf generate --model runs/demo/sft/model --prompts prompts.jsonl --out candidates.jsonl --num 4
     rlhf label    serve | add-labeler | export      (the human feedback web app)
     rlhf pipeline recipes/demo.yaml [section.key=value ...]
+    rlhf bench    [--size tiny|small] [--precision fp32|bf16] [--new-tokens 32] [--batch 16]
     rlhf demo data --out DIR          rlhf demo base --out DIR
 
 `rlhf sft --help` lists every key of the stage with its default and meaning.
@@ -88,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("recipe", help="recipe YAML file")
     pipeline.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
+    bench = subparsers.add_parser("bench", help="time each stage and phase on locally built models; peak memory per mode")
+    bench.add_argument("--size", default="tiny", choices=["tiny", "small"], help="tiny: 4 layers x 256; small: 8 layers x 512")
+    bench.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    bench.add_argument("--batch", type=int, default=16, help="prompts per PPO iteration (pairs for the reward model, sequences for SFT)")
+    bench.add_argument("--prompt-tokens", type=int, default=16, help="longest prompt")
+    bench.add_argument("--new-tokens", type=int, default=32, help="tokens sampled per response")
+    bench.add_argument("--iterations", type=int, default=10, help="timed iterations (the median is reported)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    bench.add_argument("--stages", nargs="+", default=["ppo", "reward", "sft"], choices=["ppo", "reward", "sft"])
+    bench.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lora", "value-head"], help="memory modes")
+    bench.add_argument("--json", help="also write the results to this file")
+
     demo = subparsers.add_parser("demo", help="the embedded demo task")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     data = demo_sub.add_parser("data", help="write the demo data set")
@@ -141,6 +154,11 @@ def run(args: argparse.Namespace) -> None:
         sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
         n = generate(args.model, args.prompts, args.out, args.num, sampling, args.seed)
         print(f"wrote {args.num} candidates for each of {n} prompts to {args.out}")
+    elif args.command == "bench":
+        from rlhf.bench import BenchConfig, main as bench_main
+
+        options = ("size", "precision", "batch", "prompt_tokens", "new_tokens", "iterations", "warmup", "stages", "modes")
+        bench_main(BenchConfig(**{key: getattr(args, key) for key in options}), args.json)
     elif args.command == "demo" and args.demo_command == "data":
         from rlhf.demo.build import build
 

@@ -171,11 +171,11 @@ class Rollout:
     responses: torch.Tensor  # (B, T) sampled ids, pad after the first EOS
     mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first EOS
     ended: torch.Tensor  # (B,) True where the response emitted EOS
-    logprobs: torch.Tensor  # (B, T) log-probs of the sampled tokens under the policy that sampled them
-    ref_logprobs: torch.Tensor  # (B, T) the same under the reference
-    values: torch.Tensor  # (B, T) V(s_t), the state before response token t
-    scores: torch.Tensor  # (B,) reward-source score after the missing-EOS penalty and clipping
-    raw_scores: torch.Tensor  # (B,) reward-source score as returned
+    logprobs: torch.Tensor = None  # (B, T) log-probs of the sampled tokens under the policy that sampled them
+    ref_logprobs: torch.Tensor = None  # (B, T) the same under the reference
+    values: torch.Tensor = None  # (B, T) V(s_t), the state before response token t
+    scores: torch.Tensor = None  # (B,) reward-source score after the missing-EOS penalty and clipping
+    raw_scores: torch.Tensor = None  # (B,) reward-source score as returned
     kl: torch.Tensor = None  # (B, T) per-token KL estimate to the reference
     rewards: torch.Tensor = None  # (B, T) KL-shaped per-token rewards
     advantages: torch.Tensor = None  # (B, T) whitened GAE advantages
@@ -241,48 +241,80 @@ def build_models(config: PPOConfig, tokenizer, device):
     return PolicyAndValue(policy, value_model=value_model).to(device), reference
 
 
+@contextlib.contextmanager
+def timed(timings: dict[str, float], key: str):
+    """Add the wall time of the block to `timings[key]` (checklist item 20: time per phase)."""
+    started = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
+
+
 @torch.no_grad()
 def rollout(model: PolicyAndValue, reference, prompts: list[list[int]], texts: list[str], reward_source, config: PPOConfig, tokenizer, device, bf16: bool) -> tuple[Rollout, dict]:
-    """Sample, score, and run the policy, reference and value forward passes."""
-    timings = {}
-    started = time.time()
-    policy = model.policy
+    """Sample, score, and run the value, policy and reference forward passes, each phase timed."""
+    timings: dict[str, float] = {}
+    with timed(timings, "time/generate"):
+        batch = generate(model.policy, prompts, tokenizer, config, device)
+    with timed(timings, "time/score"):
+        completions = score(batch, texts, reward_source, tokenizer, config)
+    with timed(timings, "time/value"):
+        policy_and_value_forward(model, batch, config, device, bf16)
+    with timed(timings, "time/reference"):
+        reference_forward(model.policy, reference, batch, config, device, bf16)
+    return batch, {"completions": completions, **timings}
+
+
+@torch.no_grad()
+def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, device) -> Rollout:
+    """A Rollout holding the left-padded prompts and the sampled responses with their masks."""
     responses, ended = sample(policy, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
     query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
-    query, query_mask, responses, ended = query.to(device), query_mask.to(device), responses.to(device), ended.to(device)
-    mask = response_mask(responses, tokenizer.eos_token_id)
-    timings["time/generate"] = time.time() - started
+    responses = responses.to(device)
+    return Rollout(query.to(device), query_mask.to(device), responses, response_mask(responses, tokenizer.eos_token_id), ended.to(device))
 
-    started = time.time()
-    completions = tokenizer.batch_decode(responses * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
-    raw_scores = reward_source(texts, completions).to(device)
-    scores = raw_scores.clone()
+
+@torch.no_grad()
+def score(batch: Rollout, texts: list[str], reward_source, tokenizer, config: PPOConfig) -> list[str]:
+    """Score the decoded completions into `batch.raw_scores` and `batch.scores` (after the missing-EOS
+    penalty and clipping); returns the completions."""
+    pad_id = tokenizer.pad_token_id
+    completions = tokenizer.batch_decode(batch.responses * batch.mask + pad_id * (1 - batch.mask), skip_special_tokens=True)
+    batch.raw_scores = reward_source(texts, completions).to(batch.responses.device)
+    scores = batch.raw_scores.clone()
     if config.algo.missing_eos_penalty:
-        scores = torch.where(ended, scores, torch.full_like(scores, config.algo.missing_eos_penalty))
+        scores = torch.where(batch.ended, scores, torch.full_like(scores, config.algo.missing_eos_penalty))
     if config.algo.score_clip:
         scores = scores.clamp(-config.algo.score_clip, config.algo.score_clip)
-    timings["time/score"] = time.time() - started
+    batch.scores = scores
+    return completions
 
-    started = time.time()
-    batch = Rollout(query, query_mask, responses, mask, ended, None, None, None, scores, raw_scores)
+
+@torch.no_grad()
+def policy_and_value_forward(model: PolicyAndValue, batch: Rollout, config: PPOConfig, device, bf16: bool) -> None:
+    """`batch.values` and `batch.logprobs` from one forward pass of the trained pair."""
     temperature = config.generation.temperature or 1.0
-    logprobs, ref_logprobs, values = [], [], []
-    P = query.shape[1]
-    for rows in chunks(len(prompts), config.algo.micro_batch_size):
-        ids, attention, positions = batch.inputs(rows)
+    P = batch.query.shape[1]
+    logprobs, values = [], []
+    for rows in chunks(len(batch.responses), config.algo.micro_batch_size):
         with training.autocast(device, bf16):
-            logits, value = model(ids, attention, positions)
-            if reference is None:
-                with policy.disable_adapter():
-                    ref_logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-            else:
-                ref_logits = reference(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-        logprobs.append(ops.logprobs_from_logits(response_slice(logits, P), responses[rows], temperature))
-        ref_logprobs.append(ops.logprobs_from_logits(response_slice(ref_logits, P), responses[rows], temperature))
+            logits, value = model(*batch.inputs(rows))
+        logprobs.append(ops.logprobs_from_logits(response_slice(logits, P), batch.responses[rows], temperature))
         values.append(response_slice(value, P).float())
-    batch.logprobs, batch.ref_logprobs, batch.values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
-    timings["time/forward"] = time.time() - started
-    return batch, {"completions": completions, **timings}
+    batch.logprobs, batch.values = torch.cat(logprobs), torch.cat(values)
+
+
+@torch.no_grad()
+def reference_forward(policy, reference, batch: Rollout, config: PPOConfig, device, bf16: bool) -> None:
+    """`batch.ref_logprobs`; with LoRA the reference is the policy with its adapters off (checklist item 9)."""
+    temperature = config.generation.temperature or 1.0
+    P = batch.query.shape[1]
+    ref_logprobs = []
+    for rows in chunks(len(batch.responses), config.algo.micro_batch_size):
+        ids, attention, positions = batch.inputs(rows)
+        with training.autocast(device, bf16), (policy.disable_adapter() if reference is None else contextlib.nullcontext()):
+            logits = (policy if reference is None else reference)(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+        ref_logprobs.append(ops.logprobs_from_logits(response_slice(logits, P), batch.responses[rows], temperature))
+    batch.ref_logprobs = torch.cat(ref_logprobs)
 
 
 def chunks(n: int, size: int) -> list[slice]:
@@ -437,10 +469,10 @@ def train(config: PPOConfig) -> Path:
         batch, info = rollout(unwrapped, reference, [prompts[i] for i in local], [records[i].prompt for i in local], reward_source, config, tokenizer, device, bf16)
         compute_advantages(batch, kl_controller.beta, config)
         model.train()
-        started = time.time()
-        train_stats = ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
-        metrics = {**step_metrics(batch, kl_controller.beta), **train_stats, "time/train": time.time() - started}
-        metrics.update({k: v for k, v in info.items() if k.startswith("time/")})
+        timings = {k: v for k, v in info.items() if k.startswith("time/")}
+        with timed(timings, "time/train"):
+            train_stats = ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
+        metrics = {**step_metrics(batch, kl_controller.beta), **train_stats, **timings}
         metrics.update({"train/lr": scheduler.get_last_lr()[0], **training.peak_memory()})
         kl_controller.update(metrics["kl/sequence"], config.algo.batch_size)
         step += 1
