@@ -239,7 +239,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     with torch.no_grad():
         unwrapped.eval()
         with counting(flops, "generate"):
-            batch = ppo.generate(unwrapped.policy, prompts, tokenizer, config, device)
+            batch = ppo.generate(unwrapped.policy, prompts, tokenizer, config, device, bf16)
         with counting(flops, "score"):
             ppo.score(batch, texts, reward_source, tokenizer, config)
         with counting(flops, "value"):

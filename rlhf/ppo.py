@@ -41,7 +41,7 @@ from rlhf.models import (
     save_model,
     score_head,
 )
-from rlhf.sampling import SamplingConfig, response_mask, sample
+from rlhf.sampling import SamplingConfig, response_mask, sample_with_logprobs
 from rlhf.scoring import RewardSourceConfig, load_reward_source
 from rlhf.tracking import Tracker
 from rlhf.training import Precision
@@ -205,9 +205,13 @@ class PolicyAndValue(torch.nn.Module):
         if self.value_head is not None:
             out = self.policy(**kwargs, output_hidden_states=True)
             return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+        return self.policy(**kwargs).logits, self.values(**kwargs)
+
+    def values(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """(B, L) values from the separate value network alone (without a value head on the policy)."""
         model = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
-        hidden = getattr(model, model.base_model_prefix)(**kwargs).last_hidden_state
-        return self.policy(**kwargs).logits, score_head(model)(hidden).squeeze(-1)
+        hidden = getattr(model, model.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return score_head(model)(hidden).squeeze(-1)
 
 
 def response_slice(logits_or_values: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -254,7 +258,7 @@ def rollout(model: PolicyAndValue, reference, prompts: list[list[int]], texts: l
     """Sample, score, and run the value, policy and reference forward passes, each phase timed."""
     timings: dict[str, float] = {}
     with timed(timings, "time/generate"):
-        batch = generate(model.policy, prompts, tokenizer, config, device)
+        batch = generate(model.policy, prompts, tokenizer, config, device, bf16)
     with timed(timings, "time/score"):
         completions = score(batch, texts, reward_source, tokenizer, config)
     with timed(timings, "time/value"):
@@ -265,12 +269,21 @@ def rollout(model: PolicyAndValue, reference, prompts: list[list[int]], texts: l
 
 
 @torch.no_grad()
-def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, device) -> Rollout:
-    """A Rollout holding the left-padded prompts and the sampled responses with their masks."""
-    responses, ended = sample(policy, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
+def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, device, bf16: bool) -> Rollout:
+    """A Rollout holding the left-padded prompts, the sampled responses with their masks, and the
+    log-probs of sampling where they are the policy's own (checklist item 18).
+
+    The sampler runs in the weights' precision (fp32); its log-probs then match a forward pass of
+    the policy to about 1e-5 (tests/test_sampling.py) and save one. Under bf16 autocast the
+    training passes see other numbers, so the log-probs are recomputed in bf16 instead.
+    """
+    samples = sample_with_logprobs(policy, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
     query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
-    responses = responses.to(device)
-    return Rollout(query.to(device), query_mask.to(device), responses, response_mask(responses, tokenizer.eos_token_id), ended.to(device))
+    responses = samples.responses.to(device)
+    batch = Rollout(query.to(device), query_mask.to(device), responses, response_mask(responses, tokenizer.eos_token_id), samples.ended.to(device))
+    if samples.logprobs is not None and not bf16:
+        batch.logprobs = samples.logprobs.to(device)
+    return batch
 
 
 @torch.no_grad()
@@ -291,16 +304,23 @@ def score(batch: Rollout, texts: list[str], reward_source, tokenizer, config: PP
 
 @torch.no_grad()
 def policy_and_value_forward(model: PolicyAndValue, batch: Rollout, config: PPOConfig, device, bf16: bool) -> None:
-    """`batch.values` and `batch.logprobs` from one forward pass of the trained pair."""
+    """`batch.values`, and `batch.logprobs` unless sampling gave them: then a separate value
+    network runs alone, and only a value head on the policy still needs the policy's pass."""
     temperature = config.generation.temperature or 1.0
     P = batch.query.shape[1]
+    values_only = batch.logprobs is not None and model.value_head is None
     logprobs, values = [], []
     for rows in chunks(len(batch.responses), config.algo.micro_batch_size):
         with training.autocast(device, bf16):
-            logits, value = model(*batch.inputs(rows))
-        logprobs.append(ops.logprobs_from_logits(response_slice(logits, P), batch.responses[rows], temperature))
+            if values_only:
+                value = model.values(*batch.inputs(rows))
+            else:
+                logits, value = model(*batch.inputs(rows))
+                logprobs.append(ops.logprobs_from_logits(response_slice(logits, P), batch.responses[rows], temperature))
         values.append(response_slice(value, P).float())
-    batch.logprobs, batch.values = torch.cat(logprobs), torch.cat(values)
+    batch.values = torch.cat(values)
+    if logprobs:
+        batch.logprobs = torch.cat(logprobs)
 
 
 @torch.no_grad()

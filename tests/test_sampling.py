@@ -177,3 +177,36 @@ def test_restrict_keeps_the_top_k_then_the_nucleus():
     # after top-3 the mass is 0.8125; the nucleus takes 0.7 of it, 0.56875: again 0.375 and 0.25
     assert sampling.restrict(probs, 3, 0.7).tolist() == [[0.0, 0.375, 0.0, 0.25, 0.0]]
     assert sampling.restrict(probs, 0, 0.01).tolist() == [[0.0, 0.375, 0.0, 0.0, 0.0]]  # the most likely always stays
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ppo_takes_the_sampled_logprobs_in_fp32_and_recomputes_them_under_bf16(tiny_model_dir, bf16):
+    # Checklist item 18: the old log-probs are those of the policy that sampled, recomputed in
+    # the training pass's precision when sampling ran in another (sampling stays in fp32).
+    from rlhf import ops, ppo, training
+    from rlhf.models import load_tokenizer
+    from rlhf.scoring import RewardSourceConfig
+
+    config = ppo.PPOConfig(policy=str(tiny_model_dir), reward=RewardSourceConfig(kind="function", path="conftest:length_reward"))
+    config.generation = SamplingConfig(temperature=0.7, max_new_tokens=8)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model, _ = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model.eval()
+    batch = [tokenizer("User: hi\nAssistant:")["input_ids"], tokenizer("User: How do I get help with my refund?\nAssistant:")["input_ids"]]
+    torch.manual_seed(0)
+    sampled = sample_with_logprobs(model.policy, batch, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
+    torch.manual_seed(0)
+    rollout = ppo.generate(model.policy, batch, tokenizer, config, torch.device("cpu"), bf16)
+    policy_calls = []
+    model.policy.register_forward_hook(lambda *args: policy_calls.append(1))
+    ppo.policy_and_value_forward(model, rollout, config, torch.device("cpu"), bf16)
+    assert torch.equal(rollout.responses, sampled.responses)
+    if not bf16:
+        assert torch.equal(rollout.logprobs, sampled.logprobs) and not policy_calls  # no second policy pass
+    else:
+        ids, attention, positions = rollout.inputs()
+        with torch.no_grad(), training.autocast(torch.device("cpu"), True):
+            logits = model.policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+        recomputed = ops.logprobs_from_logits(ppo.response_slice(logits, rollout.query.shape[1]), rollout.responses, 0.7)
+        assert policy_calls and torch.equal(rollout.logprobs, recomputed)
+        assert not torch.allclose(rollout.logprobs * rollout.mask, sampled.logprobs * rollout.mask, atol=1e-4)
