@@ -186,8 +186,6 @@ def summary(times: list[float]) -> dict[str, float]:
 
 def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> dict:
     """Median seconds per PPO iteration and per phase, FLOPs per phase, generated tokens per second."""
-    from accelerate import Accelerator
-
     from rlhf import ppo, training
     from rlhf.models import load_tokenizer
     from rlhf.sampling import SamplingConfig
@@ -203,7 +201,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     )
     config.lora.enabled = mode == "lora"
     config.value.head_on_policy = mode == "value-head"
-    accelerator = Accelerator(cpu=True)
+    accelerator = training.make_accelerator()
     device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(config.policy)
@@ -223,7 +221,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
             unwrapped.eval()
             batch, info = ppo.rollout(unwrapped, reference, prompts, texts, reward_source, config, tokenizer, device, bf16)
             with ppo.timed(info, "time/advantages"):
-                ppo.compute_advantages(batch, beta, config)
+                ppo.compute_advantages(batch, beta, config, accelerator)
             model.train()
             with ppo.timed(info, "time/train"):
                 ppo.ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
@@ -246,7 +244,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
             ppo.policy_and_value_forward(unwrapped, batch, config, device, bf16)
         with counting(flops, "reference"):
             ppo.reference_forward(unwrapped.policy, reference, batch, config, device, bf16)
-    ppo.compute_advantages(batch, beta, config)
+    ppo.compute_advantages(batch, beta, config, accelerator)
     model.train()
     with counting(flops, "train"):
         ppo.ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)

@@ -39,12 +39,21 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, center: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    center: bool = True,
+    eps: float = 1e-8,
+    mean: torch.Tensor | None = None,
+    var: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Scale `x` to unit variance over the mask; subtract its mean too when `center` [Z19 whiten].
 
-    `center=False` keeps the mean of `x` (used for rewards: checklist item 13).
+    `center=False` keeps the mean of `x` (used for rewards: checklist item 13). `mean` and `var`,
+    when given, are moments of a larger batch this one is a shard of (all data-parallel ranks).
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean = masked_mean(x, mask) if mean is None else mean
+    var = masked_var(x, mask) if var is None else var
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if center else whitened + mean
 

@@ -23,7 +23,6 @@ from typing import Literal
 
 import torch
 import yaml
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from rlhf import ops, training
@@ -341,51 +340,74 @@ def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def compute_advantages(batch: Rollout, beta: float, config: PPOConfig) -> None:
-    """KL-shaped rewards, optional reward whitening, GAE, and advantage whitening, in place."""
-    batch.rewards, batch.kl = ops.kl_shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, batch.mask, beta, config.kl.estimator)
+def moments(x: torch.Tensor, mask: torch.Tensor, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of `x` over the mask, on all data-parallel processes together."""
+    total, squares, n = accelerator.reduce(torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]), "sum")
+    mean = total / n
+    return mean, (squares / n - mean**2) * n / (n - 1).clamp(min=1)
+
+
+def compute_advantages(batch: Rollout, beta: float, config: PPOConfig, accelerator) -> None:
+    """KL-shaped rewards, optional reward whitening, GAE, and advantage whitening, in place.
+
+    Whitening uses the moments of the whole batch, over every data-parallel process.
+    """
+    mask = batch.mask
+    batch.rewards, batch.kl = ops.kl_shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, mask, beta, config.kl.estimator)
     if config.algo.whiten_rewards:
-        batch.rewards = ops.masked_whiten(batch.rewards, batch.mask, center=False) * batch.mask
-    advantages, batch.returns = ops.gae(batch.rewards, batch.values, batch.mask, config.algo.gamma, config.algo.lam)
-    batch.advantages = ops.masked_whiten(advantages, batch.mask) * batch.mask
+        batch.rewards = ops.masked_whiten(batch.rewards, mask, False, 1e-8, *moments(batch.rewards, mask, accelerator)) * mask
+    advantages, batch.returns = ops.gae(batch.rewards, batch.values, mask, config.algo.gamma, config.algo.lam)
+    batch.advantages = ops.masked_whiten(advantages, mask, True, 1e-8, *moments(advantages, mask, accelerator)) * mask
+
+
+def ppo_loss(model, batch: Rollout, rows: torch.Tensor, config: PPOConfig, num_tokens: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The combined objective L = L_policy + c1 L_value - c2 entropy on some rows of the batch.
+
+    The forward pass may run in bf16; log-probs, ratios and losses are computed in fp32. Each
+    term is a share of the mean over `num_tokens` (the tokens of the whole minibatch).
+    """
+    algo = config.algo
+    temperature = config.generation.temperature or 1.0
+    P, mask = batch.query.shape[1], batch.mask[rows]
+    with training.autocast(batch.query.device, bf16):
+        logits, values = model(*batch.inputs(rows))
+    logits, values = response_slice(logits, P).float(), response_slice(values, P).float()
+    logprobs = ops.logprobs_from_logits(logits, batch.responses[rows], temperature)
+    pg_loss, pg_stats = ops.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, algo.clip, num_tokens)
+    vf_loss, vf_stats = ops.value_loss(values, batch.values[rows], batch.returns[rows], mask, algo.value_clip, num_tokens)
+    entropy = ops.masked_sum(ops.entropy_from_logits(logits, temperature), mask) / num_tokens
+    loss = pg_loss + algo.vf_coef * vf_loss - algo.entropy_coef * entropy
+    stats = {
+        "loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy, "policy/clipfrac": pg_stats["clipfrac"],
+        "policy/approx_kl": pg_stats["approx_kl"], "value/clipfrac": vf_stats["value_clipfrac"],
+    }
+    return loss, stats
 
 
 def ppo_epochs(model, optimizer, scheduler, batch: Rollout, config: PPOConfig, accelerator, bf16: bool, generator: torch.Generator) -> dict[str, float]:
     """K epochs of clipped-PPO updates over shuffled minibatches; returns mean statistics."""
-    algo, device = config.algo, accelerator.device
-    temperature = config.generation.temperature or 1.0
-    P = batch.query.shape[1]
+    algo = config.algo
+    local_minibatch = algo.minibatch_size // accelerator.num_processes
+    accumulation = local_minibatch // algo.micro_batch_size
     sums: dict[str, float] = {}
     updates = 0
-    accumulation = algo.minibatch_size // algo.micro_batch_size
     for _ in range(algo.epochs):
         order = torch.randperm(len(batch.scores), generator=generator).tolist()
-        for start in range(0, len(order), algo.minibatch_size):
-            minibatch = order[start : start + algo.minibatch_size]
-            num_tokens = batch.mask[minibatch].sum().clamp(min=1)
+        for start in range(0, len(order), local_minibatch):
+            minibatch = order[start : start + local_minibatch]
+            # every loss term is a mean over the minibatch's tokens on all processes together
+            num_tokens = accelerator.reduce(batch.mask[minibatch].sum(), "sum").clamp(min=1)
             stats: dict[str, float] = {}
             for m in range(accumulation):
-                rows = torch.tensor(minibatch[m * algo.micro_batch_size : (m + 1) * algo.micro_batch_size], device=device)
-                mask = batch.mask[rows]
-                ids, attention, positions = batch.inputs(rows)
-                sync = accelerator.no_sync(model) if m < accumulation - 1 else contextlib.nullcontext()
-                with sync:
-                    with training.autocast(device, bf16):
-                        logits, values = model(ids, attention, positions)
-                    logits = response_slice(logits, P).float()
-                    values = response_slice(values, P).float()
-                    logprobs = ops.logprobs_from_logits(logits, batch.responses[rows], temperature)
-                    pg_loss, pg_stats = ops.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, algo.clip, num_tokens)
-                    vf_loss, vf_stats = ops.value_loss(values, batch.values[rows], batch.returns[rows], mask, algo.value_clip, num_tokens)
-                    entropy = ops.masked_sum(ops.entropy_from_logits(logits, temperature), mask) / num_tokens
-                    loss = pg_loss + algo.vf_coef * vf_loss - algo.entropy_coef * entropy
-                    accelerator.backward(loss * accelerator.num_processes)
-                named = {
-                    "loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy,
-                    "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"], "value/clipfrac": vf_stats["value_clipfrac"],
-                }
+                rows = torch.tensor(minibatch[m * algo.micro_batch_size : (m + 1) * algo.micro_batch_size], device=accelerator.device)
+                with accelerator.no_sync(model) if m < accumulation - 1 else contextlib.nullcontext():
+                    loss, named = ppo_loss(model, batch, rows, config, num_tokens, bf16)
+                    accelerator.backward(loss * accelerator.num_processes)  # DDP averages over processes
                 for key, value in named.items():
                     stats[key] = stats.get(key, 0.0) + value.item()
+            # shares of a minibatch mean: summed over processes they give the minibatch's value
+            reduced = accelerator.reduce(torch.tensor(list(stats.values()), device=accelerator.device), "sum").tolist()
+            stats = dict(zip(stats, reduced))
             if config.optim.grad_clip:
                 stats["train/grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
             optimizer.step()
@@ -397,23 +419,30 @@ def ppo_epochs(model, optimizer, scheduler, batch: Rollout, config: PPOConfig, a
     return {key: value / updates for key, value in sums.items()}
 
 
-def step_metrics(batch: Rollout, beta: float) -> dict[str, float]:
-    """Checklist item 20: what the rollout says about score, reward, KL, length and EOS."""
-    kl_per_sequence = batch.kl.sum(-1)
-    lengths = batch.mask.sum(-1).float()
+def step_metrics(batch: Rollout, beta: float, accelerator) -> dict[str, float]:
+    """Checklist item 20: what the rollout says about score, reward, KL, length and EOS,
+    over the rollouts of every data-parallel process."""
+    mask = batch.mask
+    per_sequence = torch.stack(
+        [batch.raw_scores, batch.scores, batch.rewards.sum(-1), batch.kl.sum(-1), mask.sum(-1).float(), batch.ended.float()], 1
+    )
+    raw, scores, rewards, kl, lengths, ended = accelerator.gather(per_sequence).T
+    kl_sum, tokens, value_sum = accelerator.reduce(torch.stack([(batch.kl * mask).sum(), mask.sum(), (batch.values * mask).sum()]), "sum")
+    _, residual_var = moments(batch.returns - batch.values, mask, accelerator)
+    _, returns_var = moments(batch.returns, mask, accelerator)
     return {
-        "score/mean": batch.raw_scores.mean().item(),
-        "score/std": batch.raw_scores.std().item() if len(batch.raw_scores) > 1 else 0.0,
-        "score/penalized_mean": batch.scores.mean().item(),
-        "reward/mean": batch.rewards.sum(-1).mean().item(),
-        "kl/sequence": kl_per_sequence.mean().item(),
-        "kl/token": ops.masked_mean(batch.kl, batch.mask).item(),
-        "kl/total": batch.kl.sum().item(),
+        "score/mean": raw.mean().item(),
+        "score/std": raw.std().item() if len(raw) > 1 else 0.0,
+        "score/penalized_mean": scores.mean().item(),
+        "reward/mean": rewards.mean().item(),
+        "kl/sequence": kl.mean().item(),
+        "kl/token": (kl_sum / tokens).item(),
+        "kl/total": kl_sum.item(),
         "kl/beta": beta,
-        "value/explained_variance": ops.explained_variance(batch.values, batch.returns, batch.mask).item(),
-        "value/mean": ops.masked_mean(batch.values, batch.mask).item(),
+        "value/explained_variance": (1 - residual_var / returns_var.clamp(min=1e-8)).item(),
+        "value/mean": (value_sum / tokens).item(),
         "response/length": lengths.mean().item(),
-        "response/eos_fraction": batch.ended.float().mean().item(),
+        "response/eos_fraction": ended.mean().item(),
     }
 
 
@@ -435,15 +464,16 @@ def validate(config: PPOConfig, num_processes: int) -> None:
         raise ConfigError("ppo.policy is required: the SFT model to start from")
     if not config.prompts.train:
         raise ConfigError("ppo.prompts.train is required: one or more prompt files")
-    if algo.batch_size % num_processes or (algo.batch_size // num_processes) % algo.minibatch_size:
-        raise ConfigError(f"ppo.algo.batch_size={algo.batch_size} must split over {num_processes} process(es) into minibatches of {algo.minibatch_size}")
-    if algo.minibatch_size % algo.micro_batch_size:
-        raise ConfigError(f"ppo.algo.minibatch_size={algo.minibatch_size} must be a multiple of micro_batch_size={algo.micro_batch_size}")
+    world = num_processes
+    if algo.batch_size % world or algo.minibatch_size % world or (algo.batch_size // world) % (algo.minibatch_size // world):
+        raise ConfigError(f"ppo.algo.batch_size={algo.batch_size} must split over {world} process(es) into minibatches of {algo.minibatch_size}")
+    if (algo.minibatch_size // world) % algo.micro_batch_size:
+        raise ConfigError(f"ppo.algo.minibatch_size={algo.minibatch_size} over {world} process(es) must be a multiple of micro_batch_size={algo.micro_batch_size}")
 
 
 def train(config: PPOConfig) -> Path:
     """Run PPO; returns the path of the saved policy."""
-    accelerator = Accelerator()
+    accelerator = training.make_accelerator()
     validate(config, accelerator.num_processes)
     device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
     torch.manual_seed(config.seed)
@@ -487,12 +517,12 @@ def train(config: PPOConfig) -> Path:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         batch, info = rollout(unwrapped, reference, [prompts[i] for i in local], [records[i].prompt for i in local], reward_source, config, tokenizer, device, bf16)
-        compute_advantages(batch, kl_controller.beta, config)
+        compute_advantages(batch, kl_controller.beta, config, accelerator)
         model.train()
         timings = {k: v for k, v in info.items() if k.startswith("time/")}
         with timed(timings, "time/train"):
             train_stats = ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
-        metrics = {**step_metrics(batch, kl_controller.beta), **train_stats, **timings}
+        metrics = {**step_metrics(batch, kl_controller.beta, accelerator), **train_stats, **timings}
         metrics.update({"train/lr": scheduler.get_last_lr()[0], **training.peak_memory()})
         kl_controller.update(metrics["kl/sequence"], config.algo.batch_size)
         step += 1

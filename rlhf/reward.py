@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from rlhf import ops, training
@@ -183,7 +182,7 @@ def train(config: RewardConfig) -> Path:
         raise ConfigError("reward.model is required: a local path or a hub id (usually the SFT model)")
     if not config.data.train:
         raise ConfigError("reward.data.train is required: one or more feedback files")
-    accelerator = Accelerator()
+    accelerator = training.make_accelerator()
     device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
     torch.manual_seed(config.seed)
     out = Path(config.output_dir)

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from rlhf.config import ConfigError, to_dict
@@ -108,7 +107,7 @@ def train(config: SFTConfig) -> Path:
         raise ConfigError("sft.model is required: a local path or a hub id")
     if not config.data.train:
         raise ConfigError("sft.data.train is required: one or more demonstration files")
-    accelerator = Accelerator()
+    accelerator = training.make_accelerator()
     device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
     torch.manual_seed(config.seed)
     out = Path(config.output_dir)

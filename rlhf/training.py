@@ -60,6 +60,15 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def make_accelerator():
+    """The `accelerate` handle of a stage. On a machine without CUDA it asks for the CPU, so that
+    a multi-process launch (`accelerate launch --multi_gpu --num_processes 2`, or torchrun)
+    trains data-parallel over gloo."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
 def use_bf16(precision: Precision, device: torch.device) -> bool:
     """Whether to run forward passes under bf16 autocast (weights and optimiser stay fp32).
 

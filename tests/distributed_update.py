@@ -1,0 +1,64 @@
+"""One PPO update on a fixed rollout batch, run by each data-parallel process on its share.
+
+    python tests/distributed_update.py MODEL OUT                               (one process)
+    torchrun --nproc_per_node 2 tests/distributed_update.py MODEL OUT          (two processes)
+
+The batch is built identically on every process from fixed seeds; each process keeps its
+contiguous share of the rows. The main process saves the updated parameters to OUT.
+"""
+
+import sys
+
+import torch
+
+import rlhf  # noqa: F401  (sets the OpenMP wait policy before torch does work)
+from rlhf import ppo, training
+from rlhf.encoding import pad
+from rlhf.models import load_tokenizer
+from rlhf.scoring import RewardSourceConfig
+
+model_dir, out = sys.argv[1], sys.argv[2]
+accelerator = training.make_accelerator()
+config = ppo.PPOConfig(
+    policy=model_dir,
+    reward=RewardSourceConfig(kind="function", path="unused:unused"),
+    algo=ppo.PPOAlgoConfig(batch_size=8, minibatch_size=8, micro_batch_size=2, epochs=1),
+    optim=ppo.PPOOptimConfig(lr=1e-2, schedule="constant"),
+)
+tokenizer = load_tokenizer(model_dir)
+torch.manual_seed(0)
+model, reference = ppo.build_models(config, tokenizer, accelerator.device)
+
+# the global batch: 8 prompts, responses of lengths 1..8 ending in EOS, fixed scores
+prompts = [tokenizer(f"User: question number {i} about my refund?\nAssistant:")["input_ids"][: 6 + i] for i in range(8)]
+query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
+generator = torch.Generator().manual_seed(1)
+responses = torch.randint(5, 300, (8, 8), generator=generator)
+lengths = torch.arange(1, 9)
+for row, n in enumerate(lengths):
+    responses[row, n - 1] = tokenizer.eos_token_id
+    responses[row, n:] = tokenizer.pad_token_id
+mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+scores = torch.randn(8, generator=generator)
+batch = ppo.Rollout(query, query_mask, responses, mask, torch.ones(8, dtype=torch.bool), None, None, None, scores, scores)
+model.eval()
+with torch.no_grad():
+    logits, values = model(*batch.inputs())
+    P = query.shape[1]
+    batch.logprobs = ppo.ops.logprobs_from_logits(ppo.response_slice(logits, P), responses)
+    batch.values = ppo.response_slice(values, P)
+    batch.ref_logprobs = batch.logprobs - 0.1 * torch.randn(8, 8, generator=generator)
+
+# this process's share of the rows
+share = slice(accelerator.process_index * 8 // accelerator.num_processes, (accelerator.process_index + 1) * 8 // accelerator.num_processes)
+for name in ("query", "query_mask", "responses", "mask", "ended", "logprobs", "ref_logprobs", "values", "scores", "raw_scores"):
+    setattr(batch, name, getattr(batch, name)[share])
+
+optimizer, scheduler = training.make_optimizer(model, config.optim, 1)
+model, optimizer = accelerator.prepare(model, optimizer)
+ppo.compute_advantages(batch, 0.05, config, accelerator)
+model.train()
+stats = ppo.ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, False, torch.Generator().manual_seed(2))
+if accelerator.is_main_process:
+    state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    torch.save({"params": state, "stats": stats}, out)
