@@ -97,13 +97,13 @@ def sample_with_logprobs(model, prompts: list[list[int]], pad_id: int, eos_id: i
     for t in range(T):
         uniform = torch.rand(B, device=device)  # one per prompt, every step: the same stream whatever is computed
         tokens, token_logprobs = draw(logits, uniform[rows], config)
-        live = ~finished
-        responses[rows[live], t] = tokens[live]
-        logprobs[rows[live], t] = token_logprobs[live]
-        finished |= tokens == eos_id
-        if finished.all() or t == T - 1:
+        responses[rows, t] = tokens.masked_fill(finished, pad_id)
+        logprobs[rows, t] = token_logprobs.masked_fill(finished, 0.0)
+        finished = finished | (tokens == eos_id)
+        done = int(finished.sum())
+        if done == len(rows) or t == T - 1:
             break
-        if decoder.can_drop and finished.sum() * 4 >= len(rows):
+        if decoder.can_drop and done * 4 >= len(rows):
             # Dropping rows copies the cache, so finished rows wait until they are a quarter of the batch.
             keep = (~finished).nonzero().squeeze(1)
             decoder.keep(keep)
@@ -213,13 +213,17 @@ class GPT2Decoder:
     """A GPT-2 model's forward pass written out for decoding: its own modules (LoRA layers included),
     the attention over a cache preallocated for the whole sequence, and nothing else per token.
 
-    It computes what GPT2LMHeadModel computes in eval mode (dropout off): the same modules in the
-    same order, attention by scaled_dot_product_attention with the model's scaling.
+    It computes what GPT2LMHeadModel computes in eval mode (dropout off): the same modules in
+    the same order, attention by scaled_dot_product_attention with the model's scaling. One
+    kernel differs: `gelu_new`, six elementwise operations in transformers, runs as torch's fused
+    tanh GELU, the same function to float rounding.
     """
 
     can_drop = True
 
     def __init__(self, model, batch: int, length: int):
+        from transformers.activations import NewGELUActivation
+
         self.model, self.transformer = model, model.transformer
         config = model.config
         self.heads, self.width = config.n_head, config.n_embd
@@ -227,32 +231,31 @@ class GPT2Decoder:
         weight = self.transformer.wte.weight
         self.keys = [weight.new_empty(shape) for _ in self.transformer.h]
         self.values = [weight.new_empty(shape) for _ in self.transformer.h]
-        self.valid = torch.ones(batch, length, dtype=torch.bool, device=weight.device)  # keys that may be attended to
+        self.masked = weight.new_zeros(batch, 1, 1, length)  # the attention mask of a new token: -inf on padding
         self.length = 0
+        act = self.transformer.h[0].mlp.act
+        self.act = (lambda x: F.gelu(x, approximate="tanh")) if isinstance(act, NewGELUActivation) else act
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         P = ids.shape[1]
-        self.valid[:, :P] = mask.bool()
+        self.masked[:, 0, 0, :P].masked_fill_(mask == 0, float("-inf"))
         causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
         # A padding position may see itself, so that no softmax is over nothing (NaN); no real token sees it.
         itself = torch.eye(P, dtype=torch.bool, device=ids.device)
-        attend = (causal & self.valid[:, None, :P]) | itself
-        return self.logits(self.forward(ids, positions, attend[:, None])[:, -1])
+        attend = (causal & mask.bool()[:, None, :]) | itself
+        return self.model.lm_head(self.forward(ids, positions, attend[:, None])[:, -1])
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        attend = self.valid[:, None, None, : self.length + 1]
-        return self.logits(self.forward(tokens[:, None], positions[:, None], attend)[:, -1])
+        return self.model.lm_head(self.forward(tokens[:, None], positions[:, None], self.masked[..., : self.length + 1])[:, -1])
 
     def keep(self, rows: torch.Tensor) -> None:
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
-        self.valid = self.valid[rows]
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden)
+        self.masked = self.masked[rows]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, S, d) of `ids` (B, S) placed after the cached tokens."""
+        """Final hidden states (B, S, d) of `ids` (B, S) placed after the cached tokens; `attend` is
+        the attention mask over the cache, (B, 1, S, cached + S)."""
         transformer, B, S = self.transformer, ids.shape[0], ids.shape[1]
         start, end = self.length, self.length + S
         x = transformer.wte(ids) + transformer.wpe(positions)
@@ -263,7 +266,8 @@ class GPT2Decoder:
             self.values[i][:, :, start:end] = v
             out = F.scaled_dot_product_attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=attend, scale=attention.scaling)
             x = x + attention.c_proj(out.transpose(1, 2).reshape(B, S, self.width))
-            x = x + block.mlp(block.ln_2(x))
+            mlp = block.mlp
+            x = x + mlp.c_proj(self.act(mlp.c_fc(block.ln_2(x))))
         self.length = end
         return transformer.ln_f(x)
 
