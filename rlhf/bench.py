@@ -3,7 +3,7 @@
     rlhf bench                                    # tiny model, fp32, the default workload
     rlhf bench --size small --precision bf16
     rlhf bench --new-tokens 128 --batch 64        # longer responses, larger batches
-    rlhf bench --stages ppo --modes full lora value-head   # peak memory per mode
+    rlhf bench --stages ppo --modes full lora value-head checkpointing   # peak memory per mode
     rlhf bench --json bench.json                  # the results as JSON in a file as well
 
 The models are GPT-2-style, randomly initialised with a fixed seed and built here (no hub):
@@ -65,7 +65,7 @@ class BenchConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     """Which of ppo, reward, sft to run."""
     modes: list[str] = field(default_factory=lambda: ["full"])
-    """Memory modes, each in its own process: full, lora, value-head (PPO only)."""
+    """Memory modes, each in its own process: full, lora, value-head (PPO only), checkpointing."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +201,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     )
     config.lora.enabled = mode == "lora"
     config.value.head_on_policy = mode == "value-head"
+    config.gradient_checkpointing = mode == "checkpointing"
     accelerator = training.make_accelerator()
     device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
     torch.manual_seed(0)
@@ -272,6 +273,8 @@ def run_reward(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) 
     torch.manual_seed(0)
     load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
     model = training.build_trainable(load, str(reward_model), lora, "SEQ_CLS", None)
+    if mode == "checkpointing":
+        training.gradient_checkpointing(model)
     optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-5, schedule="constant"), 1)
     rng = random.Random(2)
     prompts = random_prompts(bench.batch, bench.prompt_tokens)
@@ -307,6 +310,8 @@ def run_sft(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     tokenizer = load_tokenizer(str(policy))
     torch.manual_seed(0)
     model = training.build_trainable(lambda name: load_causal_lm(name, tokenizer), str(policy), lora, "CAUSAL_LM", None)
+    if mode == "checkpointing":
+        training.gradient_checkpointing(model)
     optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-4, schedule="constant"), 1)
     rng = random.Random(3)
     examples = []

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=int, default=10, help="timed iterations (the median is reported)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     bench.add_argument("--stages", nargs="+", default=["ppo", "reward", "sft"], choices=["ppo", "reward", "sft"])
-    bench.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lora", "value-head"], help="memory modes")
+    bench.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lora", "value-head", "checkpointing"], help="memory modes")
     bench.add_argument("--json", help="also write the results to this file")
 
     demo = subparsers.add_parser("demo", help="the embedded demo task")

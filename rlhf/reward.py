@@ -81,6 +81,8 @@ class RewardConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     precision: Precision = "auto"
     """fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where the hardware runs it fast."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (less memory, about a third more compute)."""
     eval_every: int = 100
     """Steps between held-out evaluations."""
     save_every: int = 200
@@ -195,6 +197,8 @@ def train(config: RewardConfig) -> Path:
     tokenizer = load_tokenizer(config.model)
     load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
     model = training.build_trainable(load, config.model, config.lora, "SEQ_CLS", checkpoint)
+    if config.gradient_checkpointing:
+        training.gradient_checkpointing(model)
     max_length = min(config.data.max_length, context_length(model.config))
     examples = [encode_feedback(tokenizer, r, max_length) for r in records]
     if eval_records is not None:

@@ -133,6 +133,12 @@ def build_trainable(load: Callable[[str], torch.nn.Module], name: str, lora: Lor
     return add_lora(model, lora, task_type)
 
 
+def gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass instead of storing them: transformers' own
+    checkpointing, the non-reentrant kind, which needs no gradient on the inputs (LoRA works)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process so far (and peak CUDA memory when on a GPU), in GiB."""
     import resource
