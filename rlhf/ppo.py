@@ -13,6 +13,7 @@ events and `samples.jsonl` (a few completions per step).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import time
@@ -200,13 +201,19 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value_model, self.value_head = policy, value_model, value_head
 
-    def forward(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, L, V), values (B, L))."""
+    def forward(self, input_ids, attention_mask, position_ids, response_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, L, V), values (B, L)); given `response_length` T, the outputs at the T
+        positions that predict response tokens alone, (B, T, V) and (B, T) (see `lm_logits`)."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if self.value_head is not None:
-            out = self.policy(**kwargs, output_hidden_states=True)
-            return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
-        return self.policy(**kwargs).logits, self.values(**kwargs)
+            out = lm_output(self.policy, kwargs, response_length, output_hidden_states=True)
+            values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+            logits = out.logits
+        else:
+            logits, values = lm_output(self.policy, kwargs, response_length).logits, self.values(**kwargs)
+        if response_length is None:
+            return logits, values
+        return logits[:, :-1], response_slice(values, input_ids.shape[1] - response_length)
 
     def values(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         """(B, L) values from the separate value network alone (without a value head on the policy)."""
@@ -218,6 +225,26 @@ class PolicyAndValue(torch.nn.Module):
 def response_slice(logits_or_values: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """The positions whose outputs belong to response tokens: P-1 .. P+T-2 predict tokens P .. P+T-1."""
     return logits_or_values[:, prompt_len - 1 : -1]
+
+
+def lm_output(model, kwargs: dict, response_length: int | None, **options):
+    """The causal LM's output, with logits for the last T + 1 positions alone given the response
+    length T, or for all positions (the language-model head over the prompt is wasted work: its
+    output, (B, P, V), is the largest tensor of the pass when prompts are long)."""
+    if response_length is None:
+        return model(**kwargs, **options)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        return model(**kwargs, **options, logits_to_keep=response_length + 1)
+    out = model(**kwargs, **options)  # a model without `logits_to_keep`: computed, then cut
+    out.logits = out.logits[:, -(response_length + 1) :]
+    return out
+
+
+def lm_logits(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
+    """(B, T, V) logits at the T positions that predict the response tokens."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    return lm_output(model, kwargs, response_length).logits[:, :-1]
 
 
 def build_models(config: PPOConfig, tokenizer, device):
@@ -312,17 +339,17 @@ def policy_and_value_forward(model: PolicyAndValue, batch: Rollout, config: PPOC
     """`batch.values`, and `batch.logprobs` unless sampling gave them: then a separate value
     network runs alone, and only a value head on the policy still needs the policy's pass."""
     temperature = config.generation.temperature or 1.0
-    P = batch.query.shape[1]
+    P, T = batch.query.shape[1], batch.responses.shape[1]
     values_only = batch.logprobs is not None and model.value_head is None
     logprobs, values = [], []
     for rows in chunks(len(batch.responses), config.algo.micro_batch_size):
         with training.autocast(device, bf16):
             if values_only:
-                value = model.values(*batch.inputs(rows))
+                value = response_slice(model.values(*batch.inputs(rows)), P)
             else:
-                logits, value = model(*batch.inputs(rows))
-                logprobs.append(ops.logprobs_from_logits(response_slice(logits, P), batch.responses[rows], temperature))
-        values.append(response_slice(value, P).float())
+                logits, value = model(*batch.inputs(rows), response_length=T)
+                logprobs.append(ops.logprobs_from_logits(logits, batch.responses[rows], temperature))
+        values.append(value.float())
     batch.values = torch.cat(values)
     if logprobs:
         batch.logprobs = torch.cat(logprobs)
@@ -332,13 +359,11 @@ def policy_and_value_forward(model: PolicyAndValue, batch: Rollout, config: PPOC
 def reference_forward(policy, reference, batch: Rollout, config: PPOConfig, device, bf16: bool) -> None:
     """`batch.ref_logprobs`; with LoRA the reference is the policy with its adapters off (checklist item 9)."""
     temperature = config.generation.temperature or 1.0
-    P = batch.query.shape[1]
     ref_logprobs = []
     for rows in chunks(len(batch.responses), config.algo.micro_batch_size):
-        ids, attention, positions = batch.inputs(rows)
         with training.autocast(device, bf16), (policy.disable_adapter() if reference is None else contextlib.nullcontext()):
-            logits = (policy if reference is None else reference)(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-        ref_logprobs.append(ops.logprobs_from_logits(response_slice(logits, P), batch.responses[rows], temperature))
+            logits = lm_logits(policy if reference is None else reference, *batch.inputs(rows), batch.responses.shape[1])
+        ref_logprobs.append(ops.logprobs_from_logits(logits, batch.responses[rows], temperature))
     batch.ref_logprobs = torch.cat(ref_logprobs)
 
 
@@ -374,10 +399,10 @@ def ppo_loss(model, batch: Rollout, rows: torch.Tensor, config: PPOConfig, num_t
     """
     algo = config.algo
     temperature = config.generation.temperature or 1.0
-    P, mask = batch.query.shape[1], batch.mask[rows]
+    mask = batch.mask[rows]
     with training.autocast(batch.query.device, bf16):
-        logits, values = model(*batch.inputs(rows))
-    logits, values = response_slice(logits, P).float(), response_slice(values, P).float()
+        logits, values = model(*batch.inputs(rows), response_length=batch.responses.shape[1])
+    logits, values = logits.float(), values.float()
     logprobs = ops.logprobs_from_logits(logits, batch.responses[rows], temperature)
     pg_loss, pg_stats = ops.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, algo.clip, num_tokens)
     vf_loss, vf_stats = ops.value_loss(values, batch.values[rows], batch.returns[rows], mask, algo.value_clip, num_tokens)
