@@ -406,7 +406,8 @@ def ppo_loss(model, batch: Rollout, rows: torch.Tensor, config: PPOConfig, num_t
     logprobs = ops.logprobs_from_logits(logits, batch.responses[rows], temperature)
     pg_loss, pg_stats = ops.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, algo.clip, num_tokens)
     vf_loss, vf_stats = ops.value_loss(values, batch.values[rows], batch.returns[rows], mask, algo.value_clip, num_tokens)
-    entropy = ops.masked_sum(ops.entropy_from_logits(logits, temperature), mask) / num_tokens
+    # With no entropy bonus the entropy is only logged: no gradient through it.
+    entropy = ops.masked_sum(ops.entropy_from_logits(logits if algo.entropy_coef else logits.detach(), temperature), mask) / num_tokens
     loss = pg_loss + algo.vf_coef * vf_loss - algo.entropy_coef * entropy
     stats = {
         "loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy, "policy/clipfrac": pg_stats["clipfrac"],
