@@ -44,6 +44,8 @@ import torch
 SIZES = {"tiny": (4, 256), "small": (8, 512)}  # (layers, width); heads of 64 dimensions
 VOCAB = 4096
 STAGES = ("ppo", "reward", "sft")
+MODES = ("full", "lora", "value-head", "checkpointing")
+CHOICES = {"size": list(SIZES), "precision": ["fp32", "bf16"], "stages": list(STAGES), "modes": list(MODES)}
 
 
 @dataclass
@@ -422,7 +424,7 @@ def table(results: dict) -> str:
         lines += [
             "",
             f"PPO iteration ({mode}): {it['median']:.3f} s median (min {it['min']:.3f}, max {it['max']:.3f}); "
-            f"generate {r['generated_tokens_per_s']:,.0f} tokens/s; peak RSS {r['peak_rss_gb']:.2f} GB",
+            f"generate {r['generated_tokens_per_s']:,.0f} tokens/s; peak RSS {r['peak_rss_gb']:.2f} GB ({r['rss_before_models_gb']:.2f} before the models)",
             f"  {'phase':<11}{'median s':>10}{'min s':>9}{'max s':>9}{'GFLOP':>9}{'GFLOP/s':>10}{'% of peak':>11}",
         ]
         for phase, p in r["phases"].items():

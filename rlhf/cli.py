@@ -56,6 +56,22 @@ def _add_stage(subparsers, name: str) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
+def _add_bench(subparsers) -> None:
+    """`rlhf bench`: one option per BenchConfig field, its help the field's docstring."""
+    import dataclasses
+
+    from rlhf.bench import CHOICES, BenchConfig
+    from rlhf.config import field_docs
+
+    bench = subparsers.add_parser("bench", help="time each stage and phase on locally built models; peak memory per mode")
+    docs = field_docs(BenchConfig)
+    for f in dataclasses.fields(BenchConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kwargs = {"nargs": "+"} if isinstance(default, list) else {"type": type(default)}
+        bench.add_argument(f"--{f.name.replace('_', '-')}", default=default, choices=CHOICES.get(f.name), help=f"{docs[f.name]} (default {default})", **kwargs)
+    bench.add_argument("--json", help="also write the results to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="The RLHF loop on one machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -89,17 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("recipe", help="recipe YAML file")
     pipeline.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
-    bench = subparsers.add_parser("bench", help="time each stage and phase on locally built models; peak memory per mode")
-    bench.add_argument("--size", default="tiny", choices=["tiny", "small"], help="tiny: 4 layers x 256; small: 8 layers x 512")
-    bench.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    bench.add_argument("--batch", type=int, default=16, help="prompts per PPO iteration (pairs for the reward model, sequences for SFT)")
-    bench.add_argument("--prompt-tokens", type=int, default=16, help="longest prompt")
-    bench.add_argument("--new-tokens", type=int, default=32, help="tokens sampled per response")
-    bench.add_argument("--iterations", type=int, default=10, help="timed iterations (the median is reported)")
-    bench.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    bench.add_argument("--stages", nargs="+", default=["ppo", "reward", "sft"], choices=["ppo", "reward", "sft"])
-    bench.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lora", "value-head", "checkpointing"], help="memory modes")
-    bench.add_argument("--json", help="also write the results to this file")
+    _add_bench(subparsers)
 
     demo = subparsers.add_parser("demo", help="the embedded demo task")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
@@ -155,10 +161,11 @@ def run(args: argparse.Namespace) -> None:
         n = generate(args.model, args.prompts, args.out, args.num, sampling, args.seed)
         print(f"wrote {args.num} candidates for each of {n} prompts to {args.out}")
     elif args.command == "bench":
+        import dataclasses
+
         from rlhf.bench import BenchConfig, main as bench_main
 
-        options = ("size", "precision", "batch", "prompt_tokens", "new_tokens", "iterations", "warmup", "stages", "modes")
-        bench_main(BenchConfig(**{key: getattr(args, key) for key in options}), args.json)
+        bench_main(BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}), args.json)
     elif args.command == "demo" and args.demo_command == "data":
         from rlhf.demo.build import build
 
