@@ -377,6 +377,7 @@ def job(spec: str, out: str) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     _register_cpu_attention_flops()
     spec = json.loads(spec)
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
