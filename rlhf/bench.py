@@ -260,8 +260,8 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     phases = {}
     for phase in ("generate", "score", "value", "reference", "advantages", "train"):
         seconds = summary([t[f"time/{phase}"] for t, _ in runs])
-        # Sampling and the reward source run in the weights' precision whatever `precision` says.
-        precision = "fp32" if phase in ("generate", "score") else bench.precision
+        # Sampling, the reward source and the advantages run in fp32 whatever `precision` says.
+        precision = "fp32" if phase in ("generate", "score", "advantages") else bench.precision
         gflop = flops.get(phase, 0.0) / 1e9
         phases[phase] = {**seconds, "gflop": gflop, "gflops": gflop / seconds["median"], "precision": precision}
     return {
