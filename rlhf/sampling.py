@@ -175,7 +175,7 @@ def make_decoder(model, batch: int, length: int):
         return GPT2Decoder(base, batch, length)
     parameters = inspect.signature(base.forward).parameters
     if "past_key_values" in parameters and "position_ids" in parameters and not getattr(config, "is_encoder_decoder", False):
-        return CacheDecoder(model, config)
+        return CacheDecoder(model, config, last_logits_only="logits_to_keep" in parameters)
     name = type(base).__name__
     if name not in _fallback_logged:
         _fallback_logged.add(name)
@@ -186,15 +186,17 @@ def make_decoder(model, batch: int, length: int):
 class CacheDecoder:
     """Any causal LM whose forward takes `past_key_values`: that forward, one token a step, over a DynamicCache."""
 
-    def __init__(self, model, config):
+    def __init__(self, model, config, last_logits_only: bool):
         from transformers import DynamicCache
 
         self.model, self.cache = model, DynamicCache(config=config)
         self.can_drop = False
+        self.prefill_options = {"logits_to_keep": 1} if last_logits_only else {}  # no language-model head over the prompt
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.mask = mask
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True).logits
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True, **self.prefill_options)
+        logits = out.logits
         # Rows can leave the batch where every cache layer knows how to drop them.
         self.can_drop = all(hasattr(layer, "batch_select_indices") for layer in getattr(self.cache, "layers", [None]))
         return logits[:, -1]
