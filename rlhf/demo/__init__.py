@@ -1,0 +1,7 @@
+"""The embedded demo task: customer-support exchanges, their gold labeler, and a tiny base model.
+
+    corpus.py   the generator of questions and replies of known quality
+    gold.py     the gold score of any reply, and simulated labelers who disagree with it
+    base.py     the shipped base model (base_model/) and how it was pretrained
+    build.py    `python -m rlhf.demo.build --out DIR` writes the demo data set
+"""
