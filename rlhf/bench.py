@@ -282,9 +282,7 @@ def run_reward(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) 
     tokenizer = load_tokenizer(str(reward_model))
     torch.manual_seed(0)
     load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
-    model = training.build_trainable(load, str(reward_model), lora, "SEQ_CLS", None)
-    if mode == "checkpointing":
-        training.gradient_checkpointing(model)
+    model = training.build_trainable(load, str(reward_model), lora, "SEQ_CLS", None, mode == "checkpointing")
     optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-5, schedule="constant"), 1)
     rng = random.Random(2)
     prompts = random_prompts(bench.batch, bench.prompt_tokens)
@@ -319,9 +317,8 @@ def run_sft(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     bf16 = training.use_bf16(bench.precision, device)
     tokenizer = load_tokenizer(str(policy))
     torch.manual_seed(0)
-    model = training.build_trainable(lambda name: load_causal_lm(name, tokenizer), str(policy), lora, "CAUSAL_LM", None)
-    if mode == "checkpointing":
-        training.gradient_checkpointing(model)
+    load = lambda name: load_causal_lm(name, tokenizer)  # noqa: E731
+    model = training.build_trainable(load, str(policy), lora, "CAUSAL_LM", None, mode == "checkpointing")
     optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-4, schedule="constant"), 1)
     rng = random.Random(3)
     examples = []

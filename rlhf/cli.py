@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> None:
         build(args.out, args.seed)
         print(f"demo data written to {args.out}")
     elif args.command == "demo" and args.demo_command == "base":
-        from rlhf.demo.base import build_base_model
+        from rlhf.demo.base import pretrain
 
-        print(f"demo base model written to {build_base_model(args.out)}")
+        pretrain(args.out)
+        print(f"demo base model written to {args.out}")

@@ -259,7 +259,7 @@ def build_models(config: PPOConfig, tokenizer, device):
         policy, reference = add_lora(policy, config.lora, "CAUSAL_LM"), None
     dropout_off(policy)
     if config.gradient_checkpointing:
-        training.gradient_checkpointing(policy)
+        training.enable_gradient_checkpointing(policy)
     if config.value.head_on_policy:
         hidden = policy.config.get_text_config().hidden_size
         head = torch.nn.Linear(hidden, 1)
@@ -273,7 +273,7 @@ def build_models(config: PPOConfig, tokenizer, device):
         value_model = add_lora(value_model, config.lora, "SEQ_CLS")
     dropout_off(value_model)
     if config.gradient_checkpointing:
-        training.gradient_checkpointing(value_model)
+        training.enable_gradient_checkpointing(value_model)
     return PolicyAndValue(policy, value_model=value_model).to(device), reference
 
 

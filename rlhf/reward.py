@@ -16,44 +16,25 @@ Writes `output_dir/model` (loads with plain `AutoModelForSequenceClassification`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
-from tqdm.auto import tqdm
 
 from rlhf import ops, training
-from rlhf.config import ConfigError, to_dict
+from rlhf.config import ConfigError
 from rlhf.data import Comparison, DataError, Rating, load_feedback, load_prompts
 from rlhf.encoding import encode_completion, encode_prompt, pad
 from rlhf.models import LoraConfig, context_length, load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
 from rlhf.sampling import SamplingConfig, sample_texts
 from rlhf.scoring import SequenceClassifierScore
-from rlhf.tracking import Tracker
-from rlhf.training import OptimConfig, Precision
+from rlhf.training import DataConfig, OptimConfig, Precision
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RewardData:
-    train: list[str] = field(default_factory=list)
-    """Feedback files or hub datasets: pairs, rankings, or ratings."""
-    eval: list[str] = field(default_factory=list)
-    """Held-out feedback for accuracy; empty: hold out `eval_fraction` of `train`."""
-    eval_fraction: float = 0.1
-    """Share of `train` held out when `eval` is empty."""
-    max_length: int = 512
-    """Longest prompt + completion in tokens (capped by the model's context)."""
-    skip_invalid: bool = False
-    """Skip malformed records (and report how many) instead of stopping at the first."""
 
 
 @dataclass
@@ -75,7 +56,7 @@ class RewardConfig:
     """Model to start from (usually the SFT model): a local path or a hub id."""
     output_dir: str = "runs/reward"
     """Where the model, checkpoints and metrics go."""
-    data: RewardData = field(default_factory=RewardData)
+    data: DataConfig = field(default_factory=lambda: DataConfig(eval_fraction=0.1))
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, batch_size=32, micro_batch_size=16))
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
@@ -143,13 +124,11 @@ def evaluate(model, examples: list[Example], pad_id: int, batch_size: int, devic
 
     For ratings the pairs are all held-out items with different labels, the higher label better.
     """
-    model.eval()
     scores = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         with training.autocast(device, bf16):
             scores.append(forward_scores(model, [s for e in chunk for s in e.sequences], pad_id, device).cpu())
-    model.train()
     scores = torch.cat(scores)
     if examples[0].label is not None:
         labels = torch.tensor([e.label for e in examples])
@@ -196,9 +175,7 @@ def train(config: RewardConfig) -> Path:
         raise DataError(", ".join(config.data.train + config.data.eval), "mixes ratings with pairs/rankings; train them in separate runs")
     tokenizer = load_tokenizer(config.model)
     load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
-    model = training.build_trainable(load, config.model, config.lora, "SEQ_CLS", checkpoint)
-    if config.gradient_checkpointing:
-        training.gradient_checkpointing(model)
+    model = training.build_trainable(load, config.model, config.lora, "SEQ_CLS", checkpoint, config.gradient_checkpointing)
     max_length = min(config.data.max_length, context_length(model.config))
     examples = [encode_feedback(tokenizer, r, max_length) for r in records]
     if eval_records is not None:
@@ -215,76 +192,29 @@ def train(config: RewardConfig) -> Path:
         for e in examples + held_out:
             e.label = (e.label - mean) / std
 
-    optim = config.optim
-    accumulation = training.micro_batches_per_step(optim, accelerator.num_processes)
-    total_steps = optim.max_steps or optim.epochs * (len(examples) // optim.batch_size)
-    optimizer, scheduler = training.make_optimizer(model, optim, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = {"epoch": 0, "batch": 0}
-    if checkpoint is not None:
-        state = training.load_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    step = state.get("step", 0)
+    pad_id, n_global = tokenizer.pad_token_id, config.optim.batch_size
+
+    def loss(model, micro: list[Example], whole: list[Example]) -> torch.Tensor:
+        """This micro-batch's share of the mean loss over the global batch."""
+        scores = forward_scores(model, [s for e in micro for s in e.sequences], pad_id, device)
+        if ratings:
+            return rating_loss(scores, torch.tensor([e.label for e in micro], device=device), binary, n_global)
+        return comparison_loss(scores, micro, n_global)
+
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         kind = "binary ratings" if binary else "scalar ratings" if ratings else "comparisons"
-        log.info("reward: %d train / %d held-out %s, %d steps, bf16=%s, lora=%s", len(examples), len(held_out), kind, total_steps, bf16, config.lora.enabled)
-    tracker = Tracker(out, enabled=accelerator.is_main_process, resume_step=step)
-
-    model.train()
-    order = training.batches(len(examples), optim.batch_size, config.seed, state["epoch"], state["batch"])
-    bar = tqdm(total=total_steps, initial=step, desc="reward", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    started, seen = time.time(), 0
-    while step < total_steps:
-        epoch, index, indices = next(order)
-        local = training.shard([examples[i] for i in indices], accelerator.process_index, accelerator.num_processes)
-        micro = len(local) // accumulation
-        loss_sum = 0.0
-        for m in range(accumulation):
-            chunk = local[m * micro : (m + 1) * micro]
-            sync = accelerator.no_sync(model) if m < accumulation - 1 else contextlib.nullcontext()
-            with sync, training.autocast(device, bf16):
-                scores = forward_scores(model, [s for e in chunk for s in e.sequences], tokenizer.pad_token_id, device)
-                if ratings:
-                    labels = torch.tensor([e.label for e in chunk], device=device)
-                    loss = rating_loss(scores, labels, binary, optim.batch_size)
-                else:
-                    loss = comparison_loss(scores, chunk, optim.batch_size)
-                accelerator.backward(loss * accelerator.num_processes)  # DDP averages over processes
-            loss_sum += loss.item()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip) if optim.grad_clip else torch.tensor(0.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seen += len(indices)
-        loss_value = accelerator.reduce(torch.tensor(loss_sum, device=device), "sum").item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-        metrics = {}
-        if step % config.log_every == 0 or step == total_steps:
-            metrics.update({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm), **training.peak_memory(), "train/examples_per_s": seen / (time.time() - started)})
-        if step % config.eval_every == 0 or step == total_steps:
-            result = evaluate(model, held_out, tokenizer.pad_token_id, optim.micro_batch_size, device, bf16)
-            metrics.update({f"eval/{k}": v for k, v in result.items()})
-            bar.write(f"step {step}: held-out accuracy {result['accuracy']:.3f}, margin {result['margin']:.3f}")
-        if metrics:
-            tracker.log(step, metrics)
-        if (step % config.save_every == 0 or step == total_steps) and accelerator.is_main_process:
-            position = {"epoch": epoch, "batch": index + 1}
-            training.save_checkpoint(out, step, accelerator.unwrap_model(model), tokenizer, {**position, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
-    bar.close()
-    tracker.close()
-
-    result = evaluate(model, held_out, tokenizer.pad_token_id, optim.micro_batch_size, device, bf16)
+        log.info("reward: %d train / %d held-out %s, bf16=%s, lora=%s", len(examples), len(held_out), kind, bf16, config.lora.enabled)
+    model, result = training.run_steps(
+        "reward", config, model, tokenizer, accelerator, examples, loss,
+        lambda model: evaluate(model, held_out, pad_id, config.optim.micro_batch_size, device, bf16), checkpoint, bf16,
+        size=lambda example: sum(len(s) for s in example.sequences), throughput=("examples", len),
+    )
     path = out / "model"
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         bias, gain = fit_normalization(SequenceClassifierScore(model, tokenizer), config.normalize, records, device, config.seed)
         save_model(model, tokenizer, path, {"reward_bias": bias, "reward_gain": gain})
-        result.update({"reward_bias": bias, "reward_gain": gain, "steps": step})
+        result.update({"reward_bias": bias, "reward_gain": gain})
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         log.info("reward: held-out accuracy %.3f, margin %.3f; bias %.3f gain %.3f; saved %s", result["accuracy"], result["margin"], bias, gain, path)
     accelerator.wait_for_everyone()

@@ -12,18 +12,36 @@ import contextlib
 import logging
 import random
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
+import yaml
+from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, to_dict
 from rlhf.models import LoraConfig, add_lora, atomic_dir
+from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Training files or hub datasets, in the stage's record format."""
+    eval: list[str] = field(default_factory=list)
+    """Held-out files for evaluation; empty: hold out `eval_fraction` of `train`."""
+    eval_fraction: float = 0.05
+    """Share of `train` held out when `eval` is empty."""
+    max_length: int = 512
+    """Longest prompt + completion in tokens (capped by the model's context)."""
+    skip_invalid: bool = False
+    """Skip malformed records (and report how many) instead of stopping at the first."""
 
 
 @dataclass
@@ -119,21 +137,24 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank * per : (rank + 1) * per]
 
 
-def build_trainable(load: Callable[[str], torch.nn.Module], name: str, lora: LoraConfig, task_type: str, checkpoint: Path | None):
-    """Load `name` (or the checkpoint being resumed) and add LoRA adapters when asked."""
-    if checkpoint is not None and not lora.enabled:
-        return load(str(checkpoint / "model"))
-    model = load(name)
-    if not lora.enabled:
-        return model
-    if checkpoint is not None:
+def build_trainable(
+    load: Callable[[str], torch.nn.Module], name: str, lora: LoraConfig, task_type: str, checkpoint: Path | None, gradient_checkpointing: bool = False
+):
+    """Load `name` (or the checkpoint being resumed), add LoRA adapters when asked, and turn on
+    gradient checkpointing when asked."""
+    model = load(str(checkpoint / "model") if checkpoint is not None and not lora.enabled else name)
+    if lora.enabled and checkpoint is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(checkpoint / "model"), is_trainable=True)
-    return add_lora(model, lora, task_type)
+        model = PeftModel.from_pretrained(model, str(checkpoint / "model"), is_trainable=True)
+    elif lora.enabled:
+        model = add_lora(model, lora, task_type)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
 
 
-def gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model) -> None:
     """Recompute activations in the backward pass instead of storing them: transformers' own
     checkpointing, the non-reentrant kind, which needs no gradient on the inputs (LoRA works)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -183,6 +204,96 @@ def load_state(checkpoint: Path) -> dict:
     set_rng_state(state["rng"])
     log.info("resuming from %s (step %d)", checkpoint, state["step"])
     return state
+
+
+def run_steps(
+    stage: str,
+    config,
+    model,
+    tokenizer,
+    accelerator,
+    examples: list,
+    loss: Callable[[torch.nn.Module, list, list], torch.Tensor],
+    evaluate: Callable[[torch.nn.Module], dict[str, float]],
+    checkpoint: Path | None,
+    bf16: bool,
+    size: Callable[[object], int],
+    throughput: tuple[str, Callable[[list], int]],
+):
+    """The optimiser loop SFT and reward training share; returns the prepared model and the
+    held-out metrics of the last step.
+
+    Each step takes the next global batch of `config.optim.batch_size` examples in a seeded,
+    resumable order. A process takes its share, sorted by `size` so that micro-batches of
+    similar lengths carry little padding, and accumulates `loss(model, micro_batch, global_batch)`
+    over its micro-batches: that loss must be this micro-batch's share of the mean over the
+    global batch, so that the update does not depend on how the batch is split. `evaluate(model)`
+    runs in eval mode and returns held-out metrics. Then it clips,
+    steps, and logs, evaluates and checkpoints on the stage's schedule. `throughput` names what
+    the speed metric counts and counts it in a global batch, e.g. ("tokens", count_tokens).
+    """
+    optim, out, device = config.optim, Path(config.output_dir), accelerator.device
+    accumulation = micro_batches_per_step(optim, accelerator.num_processes)
+    total_steps = optim.max_steps or optim.epochs * (len(examples) // optim.batch_size)
+    optimizer, scheduler = make_optimizer(model, optim, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = {"epoch": 0, "batch": 0}
+    if checkpoint is not None:
+        state = load_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    step = state.get("step", 0)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tracker = Tracker(out, enabled=accelerator.is_main_process, resume_step=step)
+
+    model.train()
+    order = batches(len(examples), optim.batch_size, config.seed, state["epoch"], state["batch"])
+    bar = tqdm(total=total_steps, initial=step, desc=stage, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    started, seen, result = time.time(), 0, {}
+    while step < total_steps:
+        epoch, index, indices = next(order)
+        whole = [examples[i] for i in indices]
+        local = sorted(shard(whole, accelerator.process_index, accelerator.num_processes), key=size)
+        micro = len(local) // accumulation
+        loss_sum = 0.0
+        for m in range(accumulation):
+            # DDP averages gradients over processes: scaling by their number keeps the update
+            # the gradient of the mean over the whole global batch.
+            with accelerator.no_sync(model) if m < accumulation - 1 else contextlib.nullcontext():
+                with autocast(device, bf16):
+                    value = loss(model, local[m * micro : (m + 1) * micro], whole)
+                accelerator.backward(value * accelerator.num_processes)
+            loss_sum += value.item()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip) if optim.grad_clip else torch.tensor(0.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seen += throughput[1](whole)
+        loss_value = accelerator.reduce(torch.tensor(loss_sum, device=device), "sum").item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        metrics = {}
+        if step % config.log_every == 0 or step == total_steps:
+            metrics.update({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)})
+            metrics.update({f"train/{throughput[0]}_per_s": seen / (time.time() - started), **peak_memory()})
+        if step % config.eval_every == 0 or step == total_steps:
+            model.eval()
+            with torch.no_grad():
+                result = evaluate(model)
+            model.train()
+            metrics.update({f"eval/{k}": v for k, v in result.items()})
+            bar.write(f"step {step}: " + ", ".join(f"held-out {k} {v:.4f}" for k, v in result.items()))
+        if metrics:
+            tracker.log(step, metrics)
+        if (step % config.save_every == 0 or step == total_steps) and accelerator.is_main_process:
+            position = {"epoch": epoch, "batch": index + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            save_checkpoint(out, step, accelerator.unwrap_model(model), tokenizer, position)
+    bar.close()
+    tracker.close()
+    return model, {**result, "steps": step}
 
 
 def batches(n: int, batch_size: int, seed: int, start_epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, list[int]]]:

@@ -102,7 +102,7 @@ def tiny_sft_dir(tiny_model_dir, tmp_path_factory) -> Path:
     config = sft.SFTConfig(
         model=str(tiny_model_dir),
         output_dir=str(root / "run"),
-        data=sft.SFTData(train=[str(write_jsonl(root / "mixed.jsonl", demos))]),
+        data=sft.DataConfig(train=[str(write_jsonl(root / "mixed.jsonl", demos))]),
         optim=sft.OptimConfig(lr=3e-3, batch_size=16, micro_batch_size=16, epochs=8),
         eval_every=1000,
         precision="fp32",

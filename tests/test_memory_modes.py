@@ -57,12 +57,12 @@ def test_sft_and_reward_train_the_same_with_gradient_checkpointing(tiny_model_di
     from rlhf import training
 
     enabled = []
-    original = training.gradient_checkpointing
-    monkeypatch.setattr(training, "gradient_checkpointing", lambda model: (enabled.append(model), original(model)))
+    original = training.enable_gradient_checkpointing
+    monkeypatch.setattr(training, "enable_gradient_checkpointing", lambda model: (enabled.append(model), original(model)))
 
     def sft_run(out, checkpointing):
         config = sft.SFTConfig(
-            model=str(tiny_model_dir), output_dir=str(out), data=sft.SFTData(train=[str(tiny_data["sft"])]),
+            model=str(tiny_model_dir), output_dir=str(out), data=sft.DataConfig(train=[str(tiny_data["sft"])]),
             optim=OptimConfig(lr=1e-3, batch_size=8, micro_batch_size=8, max_steps=3), eval_every=1000, log_every=1,
             precision="fp32", gradient_checkpointing=checkpointing,
         )
@@ -71,7 +71,7 @@ def test_sft_and_reward_train_the_same_with_gradient_checkpointing(tiny_model_di
 
     def reward_run(out, checkpointing):
         config = reward.RewardConfig(
-            model=str(tiny_model_dir), output_dir=str(out), data=reward.RewardData(train=[str(tiny_data["prefs"])]),
+            model=str(tiny_model_dir), output_dir=str(out), data=reward.DataConfig(train=[str(tiny_data["prefs"])]),
             optim=OptimConfig(lr=2e-3, batch_size=8, micro_batch_size=8, max_steps=3), eval_every=1000, log_every=1,
             precision="fp32", gradient_checkpointing=checkpointing,
         )

@@ -29,7 +29,7 @@ def _config(model, train, out, **kw):
     return reward.RewardConfig(
         model=str(model),
         output_dir=str(out),
-        data=reward.RewardData(train=[str(train)], **kw),
+        data=reward.DataConfig(train=[str(train)], **kw),
         optim=OptimConfig(lr=2e-3, batch_size=16, micro_batch_size=8, epochs=3),
         eval_every=1000,
         precision="fp32",

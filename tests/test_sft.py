@@ -70,7 +70,7 @@ def _config(tiny_model_dir, tiny_data, out, **optim):
     return sft.SFTConfig(
         model=str(tiny_model_dir),
         output_dir=str(out),
-        data=sft.SFTData(train=[str(tiny_data["sft"])], eval_fraction=0.1),
+        data=sft.DataConfig(train=[str(tiny_data["sft"])], eval_fraction=0.1),
         optim=sft.OptimConfig(lr=1e-3, batch_size=8, micro_batch_size=4, **optim),
         eval_every=5,
         save_every=4,
