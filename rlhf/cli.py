@@ -8,6 +8,7 @@
     rlhf generate --model runs/demo/sft/model --prompts prompts.jsonl --out candidates.jsonl --num 4
     rlhf label    serve | add-labeler | export      (the human feedback web app)
     rlhf pipeline recipes/demo.yaml [section.key=value ...]
+    rlhf bench    [--size tiny|small] [--precision fp32|bf16] [--new-tokens 32] [--batch 16]
     rlhf demo data --out DIR          rlhf demo base --out DIR
 
 `rlhf sft --help` lists every key of the stage with its default and meaning.
@@ -55,6 +56,22 @@ def _add_stage(subparsers, name: str) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
+def _add_bench(subparsers) -> None:
+    """`rlhf bench`: one option per BenchConfig field, its help the field's docstring."""
+    import dataclasses
+
+    from rlhf.bench import CHOICES, BenchConfig
+    from rlhf.config import field_docs
+
+    bench = subparsers.add_parser("bench", help="time each stage and phase on locally built models; peak memory per mode")
+    docs = field_docs(BenchConfig)
+    for f in dataclasses.fields(BenchConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kwargs = {"nargs": "+"} if isinstance(default, list) else {"type": type(default)}
+        bench.add_argument(f"--{f.name.replace('_', '-')}", default=default, choices=CHOICES.get(f.name), help=f"{docs[f.name]} (default {default})", **kwargs)
+    bench.add_argument("--json", help="also write the results to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="The RLHF loop on one machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -87,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = subparsers.add_parser("pipeline", help="run SFT, reward model, PPO and evaluation from one recipe")
     pipeline.add_argument("recipe", help="recipe YAML file")
     pipeline.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+    _add_bench(subparsers)
 
     demo = subparsers.add_parser("demo", help="the embedded demo task")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
@@ -141,6 +160,12 @@ def run(args: argparse.Namespace) -> None:
         sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
         n = generate(args.model, args.prompts, args.out, args.num, sampling, args.seed)
         print(f"wrote {args.num} candidates for each of {n} prompts to {args.out}")
+    elif args.command == "bench":
+        import dataclasses
+
+        from rlhf.bench import BenchConfig, main as bench_main
+
+        bench_main(BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}), args.json)
     elif args.command == "demo" and args.demo_command == "data":
         from rlhf.demo.build import build
 

@@ -13,6 +13,7 @@ events and `samples.jsonl` (a few completions per step).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import time
@@ -40,7 +41,7 @@ from rlhf.models import (
     save_model,
     score_head,
 )
-from rlhf.sampling import SamplingConfig, response_mask, sample
+from rlhf.sampling import SamplingConfig, response_mask, sample_with_logprobs
 from rlhf.scoring import RewardSourceConfig, load_reward_source
 from rlhf.tracking import Tracker
 from rlhf.training import Precision
@@ -151,6 +152,8 @@ class PPOConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     precision: Precision = "auto"
     """fp32, bf16 (autocast; log-probs, advantages and weights stay fp32), or auto."""
+    gradient_checkpointing: bool = False
+    """Recompute the policy's and value network's activations in the backward pass instead of keeping them (less memory, about a third more training compute)."""
     save_every: int = 20
     """Steps between checkpoints."""
     samples_per_step: int = 4
@@ -170,11 +173,11 @@ class Rollout:
     responses: torch.Tensor  # (B, T) sampled ids, pad after the first EOS
     mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first EOS
     ended: torch.Tensor  # (B,) True where the response emitted EOS
-    logprobs: torch.Tensor  # (B, T) log-probs of the sampled tokens under the policy that sampled them
-    ref_logprobs: torch.Tensor  # (B, T) the same under the reference
-    values: torch.Tensor  # (B, T) V(s_t), the state before response token t
-    scores: torch.Tensor  # (B,) reward-source score after the missing-EOS penalty and clipping
-    raw_scores: torch.Tensor  # (B,) reward-source score as returned
+    logprobs: torch.Tensor = None  # (B, T) log-probs of the sampled tokens under the policy that sampled them
+    ref_logprobs: torch.Tensor = None  # (B, T) the same under the reference
+    values: torch.Tensor = None  # (B, T) V(s_t), the state before response token t
+    scores: torch.Tensor = None  # (B,) reward-source score after the missing-EOS penalty and clipping
+    raw_scores: torch.Tensor = None  # (B,) reward-source score as returned
     kl: torch.Tensor = None  # (B, T) per-token KL estimate to the reference
     rewards: torch.Tensor = None  # (B, T) KL-shaped per-token rewards
     advantages: torch.Tensor = None  # (B, T) whitened GAE advantages
@@ -198,20 +201,50 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value_model, self.value_head = policy, value_model, value_head
 
-    def forward(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, L, V), values (B, L))."""
+    def forward(self, input_ids, attention_mask, position_ids, response_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, L, V), values (B, L)); given `response_length` T, the outputs at the T
+        positions that predict response tokens alone, (B, T, V) and (B, T) (see `lm_logits`)."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if self.value_head is not None:
-            out = self.policy(**kwargs, output_hidden_states=True)
-            return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+            out = lm_output(self.policy, kwargs, response_length, output_hidden_states=True)
+            values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+            logits = out.logits
+        else:
+            logits, values = lm_output(self.policy, kwargs, response_length).logits, self.values(**kwargs)
+        if response_length is None:
+            return logits, values
+        return logits[:, :-1], response_slice(values, input_ids.shape[1] - response_length)
+
+    def values(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """(B, L) values from the separate value network alone (without a value head on the policy)."""
         model = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
-        hidden = getattr(model, model.base_model_prefix)(**kwargs).last_hidden_state
-        return self.policy(**kwargs).logits, score_head(model)(hidden).squeeze(-1)
+        hidden = getattr(model, model.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return score_head(model)(hidden).squeeze(-1)
 
 
 def response_slice(logits_or_values: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """The positions whose outputs belong to response tokens: P-1 .. P+T-2 predict tokens P .. P+T-1."""
     return logits_or_values[:, prompt_len - 1 : -1]
+
+
+def lm_output(model, kwargs: dict, response_length: int | None, **options):
+    """The causal LM's output, with logits for the last T + 1 positions alone given the response
+    length T, or for all positions (the language-model head over the prompt is wasted work: its
+    output, (B, P, V), is the largest tensor of the pass when prompts are long)."""
+    if response_length is None:
+        return model(**kwargs, **options)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        return model(**kwargs, **options, logits_to_keep=response_length + 1)
+    out = model(**kwargs, **options)  # a model without `logits_to_keep`: computed, then cut
+    out.logits = out.logits[:, -(response_length + 1) :]
+    return out
+
+
+def lm_logits(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
+    """(B, T, V) logits at the T positions that predict the response tokens."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    return lm_output(model, kwargs, response_length).logits[:, :-1]
 
 
 def build_models(config: PPOConfig, tokenizer, device):
@@ -225,6 +258,8 @@ def build_models(config: PPOConfig, tokenizer, device):
 
         policy, reference = add_lora(policy, config.lora, "CAUSAL_LM"), None
     dropout_off(policy)
+    if config.gradient_checkpointing:
+        training.enable_gradient_checkpointing(policy)
     if config.value.head_on_policy:
         hidden = policy.config.get_text_config().hidden_size
         head = torch.nn.Linear(hidden, 1)
@@ -237,51 +272,99 @@ def build_models(config: PPOConfig, tokenizer, device):
 
         value_model = add_lora(value_model, config.lora, "SEQ_CLS")
     dropout_off(value_model)
+    if config.gradient_checkpointing:
+        training.enable_gradient_checkpointing(value_model)
     return PolicyAndValue(policy, value_model=value_model).to(device), reference
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], key: str):
+    """Add the wall time of the block to `timings[key]` (checklist item 20: time per phase)."""
+    started = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
 
 
 @torch.no_grad()
 def rollout(model: PolicyAndValue, reference, prompts: list[list[int]], texts: list[str], reward_source, config: PPOConfig, tokenizer, device, bf16: bool) -> tuple[Rollout, dict]:
-    """Sample, score, and run the policy, reference and value forward passes."""
-    timings = {}
-    started = time.time()
-    policy = model.policy
-    responses, ended = sample(policy, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
-    query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
-    query, query_mask, responses, ended = query.to(device), query_mask.to(device), responses.to(device), ended.to(device)
-    mask = response_mask(responses, tokenizer.eos_token_id)
-    timings["time/generate"] = time.time() - started
+    """Sample, score, and run the value, policy and reference forward passes, each phase timed."""
+    timings: dict[str, float] = {}
+    with timed(timings, "time/generate"):
+        batch = generate(model.policy, prompts, tokenizer, config, device, bf16)
+    with timed(timings, "time/score"):
+        completions = score(batch, texts, reward_source, tokenizer, config)
+    with timed(timings, "time/value"):
+        policy_and_value_forward(model, batch, config, device, bf16)
+    with timed(timings, "time/reference"):
+        reference_forward(model.policy, reference, batch, config, device, bf16)
+    return batch, {"completions": completions, **timings}
 
-    started = time.time()
-    completions = tokenizer.batch_decode(responses * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
-    raw_scores = reward_source(texts, completions).to(device)
-    scores = raw_scores.clone()
+
+@torch.no_grad()
+def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, device, bf16: bool) -> Rollout:
+    """A Rollout holding the left-padded prompts, the sampled responses with their masks, and the
+    log-probs of sampling where they are the policy's own (checklist item 18).
+
+    The sampler runs in the weights' precision (fp32); its log-probs then match a forward pass of
+    the policy to about 1e-5 (tests/test_sampling.py) and save one. Under bf16 autocast the
+    training passes see other numbers, so the log-probs are recomputed in bf16 instead.
+    """
+    samples = sample_with_logprobs(policy, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
+    query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
+    responses = samples.responses.to(device)
+    batch = Rollout(query.to(device), query_mask.to(device), responses, response_mask(responses, tokenizer.eos_token_id), samples.ended.to(device))
+    if samples.logprobs is not None and not bf16:
+        batch.logprobs = samples.logprobs.to(device)
+    return batch
+
+
+@torch.no_grad()
+def score(batch: Rollout, texts: list[str], reward_source, tokenizer, config: PPOConfig) -> list[str]:
+    """Score the decoded completions into `batch.raw_scores` and `batch.scores` (after the missing-EOS
+    penalty and clipping); returns the completions."""
+    pad_id = tokenizer.pad_token_id
+    completions = tokenizer.batch_decode(batch.responses * batch.mask + pad_id * (1 - batch.mask), skip_special_tokens=True)
+    batch.raw_scores = reward_source(texts, completions).to(batch.responses.device)
+    scores = batch.raw_scores.clone()
     if config.algo.missing_eos_penalty:
-        scores = torch.where(ended, scores, torch.full_like(scores, config.algo.missing_eos_penalty))
+        scores = torch.where(batch.ended, scores, torch.full_like(scores, config.algo.missing_eos_penalty))
     if config.algo.score_clip:
         scores = scores.clamp(-config.algo.score_clip, config.algo.score_clip)
-    timings["time/score"] = time.time() - started
+    batch.scores = scores
+    return completions
 
-    started = time.time()
-    batch = Rollout(query, query_mask, responses, mask, ended, None, None, None, scores, raw_scores)
+
+@torch.no_grad()
+def policy_and_value_forward(model: PolicyAndValue, batch: Rollout, config: PPOConfig, device, bf16: bool) -> None:
+    """`batch.values`, and `batch.logprobs` unless sampling gave them: then a separate value
+    network runs alone, and only a value head on the policy still needs the policy's pass."""
     temperature = config.generation.temperature or 1.0
-    logprobs, ref_logprobs, values = [], [], []
-    P = query.shape[1]
-    for rows in chunks(len(prompts), config.algo.micro_batch_size):
-        ids, attention, positions = batch.inputs(rows)
+    P, T = batch.query.shape[1], batch.responses.shape[1]
+    values_only = batch.logprobs is not None and model.value_head is None
+    logprobs, values = [], []
+    for rows in chunks(len(batch.responses), config.algo.micro_batch_size):
         with training.autocast(device, bf16):
-            logits, value = model(ids, attention, positions)
-            if reference is None:
-                with policy.disable_adapter():
-                    ref_logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+            if values_only:
+                value = response_slice(model.values(*batch.inputs(rows)), P)
             else:
-                ref_logits = reference(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-        logprobs.append(ops.logprobs_from_logits(response_slice(logits, P), responses[rows], temperature))
-        ref_logprobs.append(ops.logprobs_from_logits(response_slice(ref_logits, P), responses[rows], temperature))
-        values.append(response_slice(value, P).float())
-    batch.logprobs, batch.ref_logprobs, batch.values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
-    timings["time/forward"] = time.time() - started
-    return batch, {"completions": completions, **timings}
+                logits, value = model(*batch.inputs(rows), response_length=T)
+                logprobs.append(ops.logprobs_from_logits(logits, batch.responses[rows], temperature))
+        values.append(value.float())
+    batch.values = torch.cat(values)
+    if logprobs:
+        batch.logprobs = torch.cat(logprobs)
+
+
+@torch.no_grad()
+def reference_forward(policy, reference, batch: Rollout, config: PPOConfig, device, bf16: bool) -> None:
+    """`batch.ref_logprobs`; with LoRA the reference is the policy with its adapters off (checklist item 9)."""
+    temperature = config.generation.temperature or 1.0
+    ref_logprobs = []
+    for rows in chunks(len(batch.responses), config.algo.micro_batch_size):
+        with training.autocast(device, bf16), (policy.disable_adapter() if reference is None else contextlib.nullcontext()):
+            logits = lm_logits(policy if reference is None else reference, *batch.inputs(rows), batch.responses.shape[1])
+        ref_logprobs.append(ops.logprobs_from_logits(logits, batch.responses[rows], temperature))
+    batch.ref_logprobs = torch.cat(ref_logprobs)
 
 
 def chunks(n: int, size: int) -> list[slice]:
@@ -316,14 +399,15 @@ def ppo_loss(model, batch: Rollout, rows: torch.Tensor, config: PPOConfig, num_t
     """
     algo = config.algo
     temperature = config.generation.temperature or 1.0
-    P, mask = batch.query.shape[1], batch.mask[rows]
+    mask = batch.mask[rows]
     with training.autocast(batch.query.device, bf16):
-        logits, values = model(*batch.inputs(rows))
-    logits, values = response_slice(logits, P).float(), response_slice(values, P).float()
+        logits, values = model(*batch.inputs(rows), response_length=batch.responses.shape[1])
+    logits, values = logits.float(), values.float()
     logprobs = ops.logprobs_from_logits(logits, batch.responses[rows], temperature)
     pg_loss, pg_stats = ops.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, algo.clip, num_tokens)
     vf_loss, vf_stats = ops.value_loss(values, batch.values[rows], batch.returns[rows], mask, algo.value_clip, num_tokens)
-    entropy = ops.masked_sum(ops.entropy_from_logits(logits, temperature), mask) / num_tokens
+    # With no entropy bonus the entropy is only logged: no gradient through it.
+    entropy = ops.masked_sum(ops.entropy_from_logits(logits if algo.entropy_coef else logits.detach(), temperature), mask) / num_tokens
     loss = pg_loss + algo.vf_coef * vf_loss - algo.entropy_coef * entropy
     stats = {
         "loss/policy": pg_loss, "loss/value": vf_loss, "policy/entropy": entropy, "policy/clipfrac": pg_stats["clipfrac"],
@@ -467,10 +551,10 @@ def train(config: PPOConfig) -> Path:
         batch, info = rollout(unwrapped, reference, [prompts[i] for i in local], [records[i].prompt for i in local], reward_source, config, tokenizer, device, bf16)
         compute_advantages(batch, kl_controller.beta, config, accelerator)
         model.train()
-        started = time.time()
-        train_stats = ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
-        metrics = {**step_metrics(batch, kl_controller.beta, accelerator), **train_stats, "time/train": time.time() - started}
-        metrics.update({k: v for k, v in info.items() if k.startswith("time/")})
+        timings = {k: v for k, v in info.items() if k.startswith("time/")}
+        with timed(timings, "time/train"):
+            train_stats = ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
+        metrics = {**step_metrics(batch, kl_controller.beta, accelerator), **train_stats, **timings}
         metrics.update({"train/lr": scheduler.get_last_lr()[0], **training.peak_memory()})
         kl_controller.update(metrics["kl/sequence"], config.algo.batch_size)
         step += 1

@@ -64,6 +64,8 @@ class RewardConfig:
     """fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where the hardware runs it fast."""
     disable_dropout: bool = True
     """Train without dropout, as TRL's and OpenRLHF's reward trainers do: scores stay deterministic."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (less memory, about a third more compute)."""
     eval_every: int = 100
     """Steps between held-out evaluations."""
     save_every: int = 200
@@ -175,7 +177,7 @@ def train(config: RewardConfig) -> Path:
         raise DataError(", ".join(config.data.train + config.data.eval), "mixes ratings with pairs/rankings; train them in separate runs")
     tokenizer = load_tokenizer(config.model)
     load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
-    model = training.build_trainable(load, config.model, config.lora, "SEQ_CLS", checkpoint)
+    model = training.build_trainable(load, config.model, config.lora, "SEQ_CLS", checkpoint, config.gradient_checkpointing)
     if config.disable_dropout:
         dropout_off(model)
     max_length = min(config.data.max_length, context_length(model.config))

@@ -1,19 +1,38 @@
 """Sampling completions: left-padded prompt batches, temperature / top-p / top-k, stop at EOS.
 
 `sample` returns response token ids (B, T) in which everything after a sequence's first EOS is
-padding, and a (B,) flag telling which responses ended with EOS.
+padding, and a (B,) flag telling which responses ended with EOS; `sample_with_logprobs` also
+returns the log-probs of the sampled tokens, which PPO uses instead of a second forward pass.
+
+The sampler runs its own loop over a KV cache: the prompt is computed once, each step feeds one
+token per unfinished sequence, finished sequences leave the batch (once they are a quarter of
+it), and temperature, top-k and top-p are applied inside the loop. A GPT-2 model (with or without
+LoRA adapters) steps through its own modules over a preallocated cache (`GPT2Decoder`), where the
+per-token cost of a general forward pass would dominate at small sizes; another causal LM whose
+forward takes `past_key_values` steps through that forward with a `DynamicCache`; anything else
+falls back to `generate`, and says so.
+
+Randomness: each step draws one uniform number per sequence of the batch (finished or not) from
+torch's default generator and takes the token at which the cumulative distribution, in token-id
+order, first exceeds it. The same seed therefore gives the same tokens whichever path computed
+the logits, up to logits that differ in the last bits (tests/test_sampling.py).
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rlhf.encoding import pad
 from rlhf.models import position_ids
 from rlhf.ops import logprobs_from_logits
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,15 +61,98 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
+@dataclass
+class Samples:
+    """What the sampler returns; T is the longest response (the loop stops when all have ended)."""
+
+    responses: torch.Tensor  # (B, T) sampled ids, pad after the first EOS
+    ended: torch.Tensor  # (B,) True where the response emitted EOS
+    logprobs: torch.Tensor | None  # (B, T) log-probs of the sampled tokens at the sampling temperature, 0 after EOS; None from `generate`
+
+
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one response per prompt with the model's KV cache; returns (responses, ended_with_eos)."""
+    """Sample one response per prompt; returns (responses, ended_with_eos)."""
+    samples = sample_with_logprobs(model, prompts, pad_id, eos_id, config)
+    return samples.responses, samples.ended
+
+
+@torch.no_grad()
+def sample_with_logprobs(model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig) -> Samples:
+    """Sample one response per prompt, with the log-probs of the sampled tokens (see the module doc)."""
     device = next(model.parameters()).device
     ids, mask = pad(prompts, pad_id, side="left")
+    ids, mask = ids.to(device), mask.to(device)
+    B, T = len(prompts), config.max_new_tokens
+    decoder = make_decoder(model, B, ids.shape[1] + T)
+    if decoder is None:
+        return Samples(*generate_with_hf(model, ids, mask, pad_id, eos_id, config), None)
+    positions = position_ids(mask)
+    logits = decoder.prefill(ids, mask, positions)  # (B, V) next-token logits of each prompt
+    next_position = positions[:, -1] + 1
+    responses = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, T, device=device)
+    rows = torch.arange(B, device=device)  # the prompt each decoder row belongs to
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # per decoder row
+    for t in range(T):
+        uniform = torch.rand(B, device=device)  # one per prompt, every step: the same stream whatever is computed
+        tokens, token_logprobs = draw(logits, uniform[rows], config)
+        responses[rows, t] = tokens.masked_fill(finished, pad_id)
+        logprobs[rows, t] = token_logprobs.masked_fill(finished, 0.0)
+        finished = finished | (tokens == eos_id)
+        done = int(finished.sum())
+        if done == len(rows) or t == T - 1:
+            break
+        if decoder.can_drop and done * 4 >= len(rows):
+            # Dropping rows copies the cache, so finished rows wait until they are a quarter of the batch.
+            keep = (~finished).nonzero().squeeze(1)
+            decoder.keep(keep)
+            rows, tokens, finished = rows[keep], tokens[keep], finished[keep]
+        logits = decoder.step(tokens, next_position[rows] + t)
+    responses, logprobs = responses[:, : t + 1], logprobs[:, : t + 1]
+    return Samples(responses, (responses == eos_id).any(-1), logprobs)
+
+
+def draw(logits: torch.Tensor, uniform: torch.Tensor, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, logprobs), both (N,), from next-token logits (N, V) and uniform numbers (N,) in [0, 1).
+
+    The token is the first whose cumulative probability, in token-id order, exceeds `uniform`
+    (inverse-CDF sampling) under the tempered distribution restricted by top-k and top-p;
+    temperature 0 is greedy. The log-prob is that of the tempered, unrestricted distribution,
+    the one PPO computes from logits (checklist item 10).
+    """
+    logits, temperature = logits.float(), config.temperature or 1.0
+    logprobs = (logits / temperature if temperature != 1.0 else logits).log_softmax(-1)
+    if config.temperature == 0:
+        tokens = logprobs.argmax(-1)
+    else:
+        probs = restrict(logprobs.exp(), config.top_k, config.top_p)
+        cdf = probs.cumsum(-1)
+        target = (uniform * cdf[:, -1]).unsqueeze(-1)
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def restrict(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Zero the probabilities (N, V) outside the k most likely tokens, then outside the smallest set of
+    most likely tokens holding `top_p` of the remaining mass (the most likely token always stays)."""
+    if top_k and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, -1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more likely tokens
+        outside = before >= top_p * sorted_probs.sum(-1, keepdim=True)
+        probs = probs.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), 0.0)
+    return probs
+
+
+def generate_with_hf(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, eos_id: int, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`transformers` generate, for the models the sampler's own loop cannot drive."""
     greedy = config.temperature == 0
     output = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
+        input_ids=ids,
+        attention_mask=mask,
         do_sample=not greedy,
         temperature=None if greedy else config.temperature,
         top_p=None if greedy else config.top_p,
@@ -59,8 +161,117 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, config: Sa
         pad_token_id=pad_id,
         eos_token_id=eos_id,
     )
-    responses = output[:, ids.shape[1] :]
-    return truncate_at_eos(responses, eos_id, pad_id)
+    return truncate_at_eos(output[:, ids.shape[1] :], eos_id, pad_id)
+
+
+_fallback_logged: set[str] = set()
+
+
+def make_decoder(model, batch: int, length: int):
+    """The fastest decoder that handles `model` (see the module doc), or None to use `generate`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the model under the adapters
+    config = getattr(base, "config", None)
+    if type(base).__name__ == "GPT2LMHeadModel" and not config.add_cross_attention:
+        return GPT2Decoder(base, batch, length)
+    parameters = inspect.signature(base.forward).parameters
+    if "past_key_values" in parameters and "position_ids" in parameters and not getattr(config, "is_encoder_decoder", False):
+        return CacheDecoder(model, config, last_logits_only="logits_to_keep" in parameters)
+    name = type(base).__name__
+    if name not in _fallback_logged:
+        _fallback_logged.add(name)
+        log.info("%s: its forward takes no past_key_values and position_ids; sampling with transformers' generate", name)
+    return None
+
+
+class CacheDecoder:
+    """Any causal LM whose forward takes `past_key_values`: that forward, one token a step, over a DynamicCache."""
+
+    def __init__(self, model, config, last_logits_only: bool):
+        from transformers import DynamicCache
+
+        self.model, self.cache = model, DynamicCache(config=config)
+        self.can_drop = False
+        self.prefill_options = {"logits_to_keep": 1} if last_logits_only else {}  # no language-model head over the prompt
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.mask = mask
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True, **self.prefill_options)
+        logits = out.logits
+        # Rows can leave the batch where every cache layer knows how to drop them.
+        self.can_drop = all(hasattr(layer, "batch_select_indices") for layer in getattr(self.cache, "layers", [None]))
+        return logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], 1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions[:, None], past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+
+
+class GPT2Decoder:
+    """A GPT-2 model's forward pass written out for decoding: its own modules (LoRA layers included),
+    the attention over a cache preallocated for the whole sequence, and nothing else per token.
+
+    It computes what GPT2LMHeadModel computes in eval mode (dropout off): the same modules in
+    the same order, attention by scaled_dot_product_attention with the model's scaling. One
+    kernel differs: `gelu_new`, six elementwise operations in transformers, runs as torch's fused
+    tanh GELU, the same function to float rounding.
+    """
+
+    can_drop = True
+
+    def __init__(self, model, batch: int, length: int):
+        from transformers.activations import NewGELUActivation
+
+        self.model, self.transformer = model, model.transformer
+        config = model.config
+        self.heads, self.width = config.n_head, config.n_embd
+        shape = (batch, self.heads, length, self.width // self.heads)
+        weight = self.transformer.wte.weight
+        self.keys = [weight.new_empty(shape) for _ in self.transformer.h]
+        self.values = [weight.new_empty(shape) for _ in self.transformer.h]
+        self.masked = weight.new_zeros(batch, 1, 1, length)  # the attention mask of a new token: -inf on padding
+        self.length = 0
+        act = self.transformer.h[0].mlp.act
+        self.act = (lambda x: F.gelu(x, approximate="tanh")) if isinstance(act, NewGELUActivation) else act
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        P = ids.shape[1]
+        self.masked[:, 0, 0, :P].masked_fill_(mask == 0, float("-inf"))
+        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+        # A padding position may see itself, so that no softmax is over nothing (NaN); no real token sees it.
+        itself = torch.eye(P, dtype=torch.bool, device=ids.device)
+        attend = (causal & mask.bool()[:, None, :]) | itself
+        return self.model.lm_head(self.forward(ids, positions, attend[:, None])[:, -1])
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.forward(tokens[:, None], positions[:, None], self.masked[..., : self.length + 1])[:, -1])
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.masked = self.masked[rows]
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, S, d) of `ids` (B, S) placed after the cached tokens; `attend` is
+        the attention mask over the cache, (B, 1, S, cached + S)."""
+        transformer, B, S = self.transformer, ids.shape[0], ids.shape[1]
+        start, end = self.length, self.length + S
+        x = transformer.wte(ids) + transformer.wpe(positions)
+        for i, block in enumerate(transformer.h):
+            attention = block.attn
+            q, k, v = attention.c_attn(block.ln_1(x)).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            self.keys[i][:, :, start:end] = k
+            self.values[i][:, :, start:end] = v
+            out = F.scaled_dot_product_attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=attend, scale=attention.scaling)
+            x = x + attention.c_proj(out.transpose(1, 2).reshape(B, S, self.width))
+            mlp = block.mlp
+            x = x + mlp.c_proj(self.act(mlp.c_fc(block.ln_2(x))))
+        self.length = end
+        return transformer.ln_f(x)
 
 
 def sample_texts(model, tokenizer, prompts: list[str], config: SamplingConfig, batch_size: int = 32, desc: str = "sampling") -> list[str]:

@@ -137,18 +137,27 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank * per : (rank + 1) * per]
 
 
-def build_trainable(load: Callable[[str], torch.nn.Module], name: str, lora: LoraConfig, task_type: str, checkpoint: Path | None):
-    """Load `name` (or the checkpoint being resumed) and add LoRA adapters when asked."""
-    if checkpoint is not None and not lora.enabled:
-        return load(str(checkpoint / "model"))
-    model = load(name)
-    if not lora.enabled:
-        return model
-    if checkpoint is not None:
+def build_trainable(
+    load: Callable[[str], torch.nn.Module], name: str, lora: LoraConfig, task_type: str, checkpoint: Path | None, gradient_checkpointing: bool = False
+):
+    """Load `name` (or the checkpoint being resumed), add LoRA adapters when asked, and turn on
+    gradient checkpointing when asked."""
+    model = load(str(checkpoint / "model") if checkpoint is not None and not lora.enabled else name)
+    if lora.enabled and checkpoint is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, str(checkpoint / "model"), is_trainable=True)
-    return add_lora(model, lora, task_type)
+        model = PeftModel.from_pretrained(model, str(checkpoint / "model"), is_trainable=True)
+    elif lora.enabled:
+        model = add_lora(model, lora, task_type)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass instead of storing them: transformers' own
+    checkpointing, the non-reentrant kind, which needs no gradient on the inputs (LoRA works)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def peak_memory() -> dict[str, float]:

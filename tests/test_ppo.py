@@ -85,12 +85,14 @@ def test_same_seed_gives_the_same_run(tiny_model_dir, tiny_prompts, tmp_path):
 
 def test_ppo_raises_an_easy_reward(tiny_sft_dir, tiny_prompts, tmp_path):
     # The policy closes its replies politely about half the time; the reward pays for politeness.
+    # `first` is the untrained policy's score: the first step's samples come before any update
+    # (by the second step the policy may already have learned much of it).
     started = time.time()
     config = make_config(tiny_sft_dir, tiny_prompts, tmp_path, max_steps=15)
     config.generation.max_new_tokens = 16
     ppo.train(config)
     scores = [m["score/mean"] for m in read_metrics(tmp_path)]
-    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    first, last = scores[0], sum(scores[-3:]) / 3
     print(f"score {first:.3f} -> {last:.3f} in {time.time() - started:.1f}s")
     assert first < 0.4 and last > first + 0.5
 

@@ -1,0 +1,462 @@
+"""`rlhf bench`: how fast each stage runs on this machine, phase by phase, and its peak memory.
+
+    rlhf bench                                    # tiny model, fp32, the default workload
+    rlhf bench --size small --precision bf16
+    rlhf bench --new-tokens 128 --batch 64        # longer responses, larger batches
+    rlhf bench --stages ppo --modes full lora value-head checkpointing   # peak memory per mode
+    rlhf bench --json bench.json                  # the results as JSON in a file as well
+
+The models are GPT-2-style, randomly initialised with a fixed seed and built here (no hub):
+tiny is 4 layers 256 wide, small 8 layers 512 wide, both with a 4,096-word vocabulary. The
+reward model, from which the value network starts, is a `GPT2ForSequenceClassification` of the
+same size saved as `rlhf reward` saves one, so the reward forward pass is real. The default
+workload is one PPO iteration on 16 prompts of up to 16 tokens with 32 new tokens each, one
+epoch, one minibatch.
+
+What runs is the library's own code: `ppo.rollout` (whose phases time themselves, as in
+training), `ppo.compute_advantages` and `ppo.ppo_epochs`; for the reward model and SFT their
+losses (`reward.forward_scores` and `reward.comparison_loss`, `sft.token_loss_sum`) with the
+optimiser of `training.make_optimizer`. Times are medians over `--iterations` after `--warmup`.
+FLOPs are counted once per phase with `torch.utils.flop_counter` (matrix products and
+attention) and divided by the phase's median time; the matrix-product peak beside them is the
+best of a few square `torch.mm` in fp32 and in bf16, measured at the start of the same run.
+Every (stage, mode) runs in a fresh process, so the peak resident memory it reports is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+SIZES = {"tiny": (4, 256), "small": (8, 512)}  # (layers, width); heads of 64 dimensions
+VOCAB = 4096
+STAGES = ("ppo", "reward", "sft")
+MODES = ("full", "lora", "value-head", "checkpointing")
+CHOICES = {"size": list(SIZES), "precision": ["fp32", "bf16"], "stages": list(STAGES), "modes": list(MODES)}
+
+
+@dataclass
+class BenchConfig:
+    size: str = "tiny"
+    """tiny (4 layers x 256) or small (8 layers x 512)."""
+    precision: str = "fp32"
+    """fp32, or bf16 autocast as the stages run it."""
+    batch: int = 16
+    """Prompts per PPO iteration; pairs per reward-model step; sequences per SFT step."""
+    prompt_tokens: int = 16
+    """Longest prompt (prompts are half as long up to this)."""
+    new_tokens: int = 32
+    """Tokens sampled per response (and completion tokens in the reward and SFT batches)."""
+    iterations: int = 10
+    """Timed iterations; the median is reported, with min and max."""
+    warmup: int = 2
+    """Untimed iterations first."""
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    """Which of ppo, reward, sft to run."""
+    modes: list[str] = field(default_factory=lambda: ["full"])
+    """Memory modes, each in its own process: full, lora, value-head (PPO only), checkpointing."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine and its matrix-product peak
+
+
+def machine() -> dict:
+    """CPU model, the vector extensions that decide fp32/bf16 speed, cores, versions, load."""
+    import transformers
+
+    info = {"cpu": platform.processor() or platform.machine(), "flags": [], "cores": os.cpu_count()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")))
+        info["flags"] = sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"})
+    except (OSError, StopIteration):
+        pass
+    try:
+        info["load_before"] = float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        pass
+    info.update(torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads())
+    return info
+
+
+def matmul_rates(dtype: torch.dtype, n: int, repeats: int) -> dict[str, float]:
+    """Best GFLOP/s of (n x n) matrix products in `dtype`, for each layout of the operands: a @ b,
+    a.T @ b and a @ b.T of contiguous a and b. Without native bf16 instructions torch's fallback
+    kernel for bf16 is far faster for some layouts than for others; fp32 runs them all alike."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    rates = {}
+    for layout, product in (("a@b", lambda: a @ b), ("a.T@b", lambda: a.T @ b), ("a@b.T", lambda: a @ b.T)):
+        product()
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - started)
+        rates[layout] = 2 * n**3 / best / 1e9
+    return rates
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, tokenizer and data, built locally with fixed seeds
+
+
+def build_models(root: Path, size: str) -> tuple[Path, Path]:
+    """Save a policy (causal LM) and a reward model of `size` with a word-level tokenizer under `root`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<|endoftext|>", "<|pad|>", "<unk>"] + [f"w{i}" for i in range(3, VOCAB)]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<unk>")
+    layers, width = SIZES[size]
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=1024, n_embd=width, n_layer=layers, n_head=width // 64,
+        bos_token_id=0, eos_token_id=0, pad_token_id=1, num_labels=1,
+    )
+    torch.manual_seed(0)
+    policy, reward = root / "policy", root / "reward"
+    GPT2LMHeadModel(config).save_pretrained(policy)
+    torch.manual_seed(1)
+    rm = GPT2ForSequenceClassification(config)
+    rm.config.reward_bias, rm.config.reward_gain = 0.0, 1.0  # as `rlhf reward` stores its normalisation
+    rm.save_pretrained(reward)
+    for path in (policy, reward):
+        tokenizer.save_pretrained(path)
+    return policy, reward
+
+
+def random_prompts(n: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """`n` prompts of max_tokens/2 .. max_tokens random words (never EOS, pad or unknown)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(max(1, max_tokens // 2), max_tokens))] for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting FLOPs
+
+
+def _register_cpu_attention_flops() -> None:
+    """The CPU kernel of scaled_dot_product_attention has no FLOP formula in torch's counter."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if forward is None or forward in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(forward)
+    def _forward(query, key, value, *args, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)  # shapes, as the counter passes them
+
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if backward is not None:
+
+        @flop_counter.register_flop_formula(backward)
+        def _backward(grad_out, query, key, value, *args, **kwargs) -> int:
+            return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+@contextmanager
+def counting(flops: dict[str, float], key: str):
+    """Add the FLOPs of the block to `flops[key]`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        yield
+    flops[key] = flops.get(key, 0.0) + counter.get_total_flops()
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages, each run in its own process
+
+
+def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> dict:
+    """Median seconds per PPO iteration and per phase, FLOPs per phase, generated tokens per second."""
+    from rlhf import ppo, training
+    from rlhf.models import load_tokenizer
+    from rlhf.sampling import SamplingConfig
+    from rlhf.scoring import RewardSourceConfig, load_reward_source
+
+    config = ppo.PPOConfig(
+        policy=str(policy),
+        reward=RewardSourceConfig(kind="model", path=str(reward_model), batch_size=bench.batch),
+        generation=SamplingConfig(temperature=0.7, max_new_tokens=bench.new_tokens),
+        algo=ppo.PPOAlgoConfig(batch_size=bench.batch, minibatch_size=bench.batch, micro_batch_size=bench.batch, epochs=1),
+        optim=ppo.PPOOptimConfig(lr=1e-5, schedule="constant"),
+        precision=bench.precision,
+    )
+    config.lora.enabled = mode == "lora"
+    config.value.head_on_policy = mode == "value-head"
+    config.gradient_checkpointing = mode == "checkpointing"
+    accelerator = training.make_accelerator()
+    device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(config.policy)
+    model, reference = ppo.build_models(config, tokenizer, device)
+    reward_source = load_reward_source(config.reward, device)
+    optimizer, scheduler = training.make_optimizer(model, config.optim, bench.warmup + bench.iterations + 1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    generator = torch.Generator().manual_seed(1)
+    prompts = random_prompts(bench.batch, bench.prompt_tokens)
+    texts = tokenizer.batch_decode(prompts)
+    beta = config.kl.beta
+
+    def iteration() -> tuple[dict[str, float], int]:
+        timings: dict[str, float] = {}
+        with ppo.timed(timings, "time/iteration"):
+            unwrapped.eval()
+            batch, info = ppo.rollout(unwrapped, reference, prompts, texts, reward_source, config, tokenizer, device, bf16)
+            with ppo.timed(info, "time/advantages"):
+                ppo.compute_advantages(batch, beta, config, accelerator)
+            model.train()
+            with ppo.timed(info, "time/train"):
+                ppo.ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
+        timings.update({k: v for k, v in info.items() if k.startswith("time/")})
+        return timings, int(batch.mask.sum())
+
+    for _ in range(bench.warmup):
+        iteration()
+    runs = [iteration() for _ in range(bench.iterations)]
+
+    # One more iteration, phase by phase as `rollout` runs them, to count the FLOPs of each.
+    flops: dict[str, float] = {}
+    with torch.no_grad():
+        unwrapped.eval()
+        with counting(flops, "generate"):
+            batch = ppo.generate(unwrapped.policy, prompts, tokenizer, config, device, bf16)
+        with counting(flops, "score"):
+            ppo.score(batch, texts, reward_source, tokenizer, config)
+        with counting(flops, "value"):
+            ppo.policy_and_value_forward(unwrapped, batch, config, device, bf16)
+        with counting(flops, "reference"):
+            ppo.reference_forward(unwrapped.policy, reference, batch, config, device, bf16)
+    ppo.compute_advantages(batch, beta, config, accelerator)
+    model.train()
+    with counting(flops, "train"):
+        ppo.ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
+
+    phases = {}
+    for phase in ("generate", "score", "value", "reference", "advantages", "train"):
+        seconds = summary([t[f"time/{phase}"] for t, _ in runs])
+        # Sampling, the reward source and the advantages run in fp32 whatever `precision` says.
+        precision = "fp32" if phase in ("generate", "score", "advantages") else bench.precision
+        gflop = flops.get(phase, 0.0) / 1e9
+        phases[phase] = {**seconds, "gflop": gflop, "gflops": gflop / seconds["median"], "precision": precision}
+    return {
+        "iteration_s": summary([t["time/iteration"] for t, _ in runs]),
+        "phases": phases,
+        "generated_tokens": statistics.median(n for _, n in runs),
+        "generated_tokens_per_s": statistics.median(n / t["time/generate"] for t, n in runs),
+    }
+
+
+def run_reward(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> dict:
+    """Seconds per optimiser step of the reward model on `batch` pairs of prompt + completion."""
+    from rlhf import reward, training
+    from rlhf.models import LoraConfig, load_sequence_classifier, load_tokenizer
+
+    lora, device = LoraConfig(enabled=mode == "lora"), torch.device("cpu")
+    bf16 = training.use_bf16(bench.precision, device)
+    tokenizer = load_tokenizer(str(reward_model))
+    torch.manual_seed(0)
+    load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
+    model = training.build_trainable(load, str(reward_model), lora, "SEQ_CLS", None, mode == "checkpointing")
+    optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-5, schedule="constant"), 1)
+    rng = random.Random(2)
+    prompts = random_prompts(bench.batch, bench.prompt_tokens)
+    examples = [reward.Example([p + [rng.randrange(3, VOCAB) for _ in range(bench.new_tokens)] + [0] for _ in range(2)]) for p in prompts]
+    sequences = [s for e in examples for s in e.sequences]
+    model.train()
+
+    def step() -> None:
+        with training.autocast(device, bf16):
+            scores = reward.forward_scores(model, sequences, tokenizer.pad_token_id, device)
+            loss = reward.comparison_loss(scores, examples, len(examples))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = timed_steps(step, bench)
+    flops = {}
+    with counting(flops, "step"):
+        step()
+    seconds = summary(times)
+    return {"step_s": seconds, "pairs_per_s": len(examples) / seconds["median"], "gflop": flops["step"] / 1e9, "gflops": flops["step"] / 1e9 / seconds["median"]}
+
+
+def run_sft(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> dict:
+    """Seconds per SFT optimiser step on `batch` sequences of prompt + completion."""
+    from rlhf import sft, training
+    from rlhf.encoding import IGNORE
+    from rlhf.models import LoraConfig, load_causal_lm, load_tokenizer
+
+    lora, device = LoraConfig(enabled=mode == "lora"), torch.device("cpu")
+    bf16 = training.use_bf16(bench.precision, device)
+    tokenizer = load_tokenizer(str(policy))
+    torch.manual_seed(0)
+    load = lambda name: load_causal_lm(name, tokenizer)  # noqa: E731
+    model = training.build_trainable(load, str(policy), lora, "CAUSAL_LM", None, mode == "checkpointing")
+    optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-4, schedule="constant"), 1)
+    rng = random.Random(3)
+    examples = []
+    for prompt in random_prompts(bench.batch, bench.prompt_tokens):
+        completion = [rng.randrange(3, VOCAB) for _ in range(bench.new_tokens - 1)] + [0]
+        examples.append((prompt + completion, [IGNORE] * len(prompt) + completion))
+    batch = sft.collate(examples, tokenizer.pad_token_id)
+    tokens = int(batch["attention_mask"].sum())
+    targets = int((batch["labels"][:, 1:] != IGNORE).sum())
+    model.train()
+
+    def step() -> None:
+        with training.autocast(device, bf16):
+            loss = sft.token_loss_sum(model, batch) / targets
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = timed_steps(step, bench)
+    flops = {}
+    with counting(flops, "step"):
+        step()
+    seconds = summary(times)
+    return {"step_s": seconds, "tokens_per_s": tokens / seconds["median"], "gflop": flops["step"] / 1e9, "gflops": flops["step"] / 1e9 / seconds["median"]}
+
+
+def timed_steps(step, bench: BenchConfig) -> list[float]:
+    for _ in range(bench.warmup):
+        step()
+    times = []
+    for _ in range(bench.iterations):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+RUNNERS = {"ppo": run_ppo, "reward": run_reward, "sft": run_sft}
+
+
+def in_fresh_process(stage: str, mode: str, bench: BenchConfig, policy: Path, reward_model: Path) -> dict:
+    """Run one (stage, mode) in a new Python process, so that its peak resident memory is its own."""
+    job = {"stage": stage, "mode": mode, "bench": asdict(bench), "policy": str(policy), "reward_model": str(reward_model)}
+    out = policy.parent / f"{stage}-{mode}.json"
+    code = "import sys, rlhf.bench; rlhf.bench.job(sys.argv[1], sys.argv[2])"
+    subprocess.run([sys.executable, "-c", code, json.dumps(job), str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def job(spec: str, out: str) -> None:
+    """The child's side of `in_fresh_process`: run the job, write its results and peak memory to `out`."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    _register_cpu_attention_flops()
+    spec = json.loads(spec)
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result = RUNNERS[spec["stage"]](BenchConfig(**spec["bench"]), spec["mode"], Path(spec["policy"]), Path(spec["reward_model"]))
+    result.update(peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, rss_before_models_gb=rss_start)
+    Path(out).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and reporting
+
+
+def run(bench: BenchConfig) -> dict:
+    """Measure the peaks, then every requested (stage, mode) in a fresh process; returns the results."""
+    results: dict = {"machine": machine(), "config": asdict(bench)}
+    results["matmul_gflops"] = {"fp32": matmul_rates(torch.float32, 1024, 5), "bf16": matmul_rates(torch.bfloat16, 512, 3)}
+    results["peak_gflops"] = {dtype: max(rates.values()) for dtype, rates in results["matmul_gflops"].items()}
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as root:
+        policy, reward_model = build_models(Path(root), bench.size)
+        layers, width = SIZES[bench.size]
+        results["model"] = {"size": bench.size, "layers": layers, "width": width, "vocab": VOCAB, "parameters": _count_parameters(policy)}
+        for stage in bench.stages:
+            results[stage] = {}
+            for mode in bench.modes:
+                if mode == "value-head" and stage != "ppo":
+                    continue
+                results[stage][mode] = in_fresh_process(stage, mode, bench, policy, reward_model)
+    results["machine"]["load_after"] = float(Path("/proc/loadavg").read_text().split()[0]) if Path("/proc/loadavg").exists() else None
+    return results
+
+
+def _count_parameters(path: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+
+
+def table(results: dict) -> str:
+    """The results as plain-text tables."""
+    b, m, peak = results["config"], results["machine"], results["peak_gflops"]
+    model = results["model"]
+    flags = ", ".join(m["flags"]) or "none of AVX2/AVX-512/AMX"
+    lines = [
+        f"rlhf bench: {b['size']} ({model['layers']} layers x {model['width']}, vocab {model['vocab']}, "
+        f"{model['parameters'] / 1e6:.1f}M parameters), {b['precision']}, {b['batch']} prompts of <= {b['prompt_tokens']} tokens, "
+        f"{b['new_tokens']} new tokens; median of {b['iterations']} after {b['warmup']} warm-up",
+        f"machine: {m['cpu']} ({flags}), {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, "
+        f"load {m.get('load_before', float('nan')):.2f} before the run",
+        *(
+            f"{dtype} matrix products, GFLOP/s: " + ", ".join(f"{layout} {rate:.2f}" for layout, rate in rates.items()) + f"; peak {peak[dtype]:.2f}"
+            for dtype, rates in results["matmul_gflops"].items()
+        ),
+    ]
+    reference = peak[b["precision"]]
+    for mode, r in results.get("ppo", {}).items():
+        it = r["iteration_s"]
+        lines += [
+            "",
+            f"PPO iteration ({mode}): {it['median']:.3f} s median (min {it['min']:.3f}, max {it['max']:.3f}); "
+            f"generate {r['generated_tokens_per_s']:,.0f} tokens/s; peak RSS {r['peak_rss_gb']:.2f} GB ({r['rss_before_models_gb']:.2f} before the models)",
+            f"  {'phase':<11}{'median s':>10}{'min s':>9}{'max s':>9}{'GFLOP':>9}{'GFLOP/s':>10}{'% of peak':>11}  runs in",
+        ]
+        for phase, p in r["phases"].items():
+            lines.append(
+                f"  {phase:<11}{p['median']:>10.4f}{p['min']:>9.4f}{p['max']:>9.4f}{p['gflop']:>9.3f}{p['gflops']:>10.2f}"
+                f"{100 * p['gflops'] / peak[p['precision']]:>10.1f}%  {p['precision']}"
+            )
+    for stage, unit, key in (("reward", "pairs/s", "pairs_per_s"), ("sft", "tokens/s", "tokens_per_s")):
+        for mode, r in results.get(stage, {}).items():
+            s = r["step_s"]
+            lines.append(
+                f"{'reward model' if stage == 'reward' else 'SFT'} step ({mode}): {s['median']:.3f} s median (min {s['min']:.3f}, max {s['max']:.3f}); "
+                f"{r[key]:,.0f} {unit}; {r['gflops']:.2f} GFLOP/s ({100 * r['gflops'] / reference:.1f}% of peak); peak RSS {r['peak_rss_gb']:.2f} GB"
+            )
+    return "\n".join(lines)
+
+
+def main(bench: BenchConfig, json_path: str | None = None) -> dict:
+    results = run(bench)
+    print(json.dumps(results, indent=2))
+    print()
+    print(table(results))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+    return results

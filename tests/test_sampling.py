@@ -1,0 +1,212 @@
+"""The sampler: the tokens of a plain sampler for the same seed, log-probs of a teacher-forced pass.
+
+The plain sampler below feeds the whole sequence through the model at every step (no cache,
+every row computed to the end) and draws each token in Python from the same uniform numbers:
+the first token, in id order, whose cumulative probability exceeds the uniform number.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from rlhf import sampling
+from rlhf.encoding import pad
+from rlhf.models import LoraConfig, add_lora, position_ids
+from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample, sample_with_logprobs
+
+EOS, PAD = 0, 1
+VOCAB = 24  # small, so that EOS comes up and sequences end at different steps
+
+# The sampler's log-probs come from a cached decoding pass, the training pass's from the whole
+# sequence at once: the same arithmetic in another order. Measured differences are below 1e-6
+# for these models and the benchmark's; the stated bound leaves room for wider and deeper ones.
+LOGPROB_TOLERANCE = 1e-5
+
+
+def plain_draw(logits: torch.Tensor, uniform: float, config: SamplingConfig) -> int:
+    if config.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.double() / config.temperature, -1).tolist()
+    ranked = sorted(range(len(probs)), key=lambda j: -probs[j])
+    allowed = ranked[: config.top_k] if config.top_k else ranked
+    if config.top_p < 1:
+        nucleus, mass, total = [], 0.0, sum(probs[j] for j in allowed)
+        for j in allowed:  # most likely first, until top_p of the mass is in
+            if mass >= config.top_p * total:
+                break
+            nucleus.append(j)
+            mass += probs[j]
+        allowed = nucleus
+    total, cumulative = sum(probs[j] for j in allowed), 0.0
+    for j in range(len(probs)):
+        if j in allowed:
+            cumulative += probs[j]
+            if cumulative > uniform * total:
+                return j
+    return max(allowed)
+
+
+@torch.no_grad()
+def plain_sample(model, prompts: list[list[int]], config: SamplingConfig) -> list[list[int]]:
+    sequences, responses = [list(p) for p in prompts], [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(config.max_new_tokens):
+        uniform = torch.rand(len(prompts))
+        ids, mask = pad(sequences, PAD, side="left")
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
+        for i in range(len(prompts)):
+            if not done[i]:
+                token = plain_draw(logits[i], uniform[i].item(), config)
+                responses[i].append(token)
+                sequences[i].append(token)
+                done[i] = token == EOS
+        if all(done):
+            break
+    width = max(len(r) for r in responses)
+    return [r + [PAD] * (width - len(r)) for r in responses]
+
+
+def gpt2(vocab: int = VOCAB):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)
+    return GPT2LMHeadModel(config).eval()
+
+
+def gpt2_with_lora(vocab: int = VOCAB):
+    model = add_lora(gpt2(vocab), LoraConfig(enabled=True, r=4), "CAUSAL_LM")
+    torch.manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make the adapters change the outputs
+            torch.nn.init.normal_(parameter, std=0.2)
+    return model.eval()
+
+
+def llama(vocab: int = VOCAB):
+    """Another architecture (rotary positions, grouped-query attention): the DynamicCache path."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+MODELS = {"gpt2": gpt2, "gpt2+lora": gpt2_with_lora, "llama": llama}
+SETTINGS = {
+    "t1": SamplingConfig(temperature=1.0, max_new_tokens=20),
+    "t0.7-topk": SamplingConfig(temperature=0.7, top_k=6, max_new_tokens=20),
+    "t1.3-topp": SamplingConfig(temperature=1.3, top_p=0.8, max_new_tokens=20),
+    "greedy": SamplingConfig(temperature=0.0, max_new_tokens=20),
+}
+
+
+def prompts(n: int = 12, vocab: int = VOCAB, seed: int = 3) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (n,), generator=generator).tolist()  # unequal: left padding
+    return [torch.randint(2, vocab, (k,), generator=generator).tolist() for k in lengths]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("name", MODELS)
+def test_same_seed_same_tokens_as_a_plain_sampler(name, setting):
+    model, config, batch = MODELS[name](), SETTINGS[setting], prompts()
+    torch.manual_seed(7)
+    expected = plain_sample(model, batch, config)
+    torch.manual_seed(7)
+    samples = sample_with_logprobs(model, batch, PAD, EOS, config)
+    assert samples.responses.tolist() == expected
+    assert samples.ended.tolist() == [EOS in row for row in expected]
+    if setting == "t1":  # sequences ended at different steps, so finished rows left the batch
+        lengths = response_mask(samples.responses, EOS).sum(-1)
+        assert samples.ended.any() and len(set(lengths.tolist())) > 2
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logprobs_match_a_teacher_forced_forward_pass(name):
+    model, batch = MODELS[name](vocab=400), prompts(16, vocab=400)
+    config = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=24)
+    torch.manual_seed(0)
+    samples = sample_with_logprobs(model, batch, PAD, EOS, config)
+    query, query_mask = pad(batch, PAD, side="left")
+    mask = response_mask(samples.responses, EOS)
+    forced = response_logprobs(model, query, query_mask, samples.responses, mask, config.temperature)
+    torch.testing.assert_close(samples.logprobs * mask, forced * mask, atol=LOGPROB_TOLERANCE, rtol=0)
+    assert (samples.logprobs[mask == 0] == 0).all()
+
+
+def test_the_contract_of_sample_holds():
+    model = gpt2()
+    torch.manual_seed(5)
+    responses, ended = sample(model, prompts(), PAD, EOS, SamplingConfig(temperature=1.0, max_new_tokens=30))
+    for row, did_end in zip(responses.tolist(), ended.tolist()):
+        assert did_end == (EOS in row)
+        if did_end:
+            assert all(t == PAD for t in row[row.index(EOS) + 1 :])  # pad after the first EOS
+    if ended.all():  # the loop stops once every response has ended
+        assert responses.shape[1] == int(response_mask(responses, EOS).sum(-1).max())
+
+
+class NoCacheForward(GPT2LMHeadModel):
+    """A causal LM whose forward does not take past_key_values by name: the sampler cannot drive it."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_a_model_the_sampler_cannot_drive_falls_back_to_generate(caplog):
+    model = NoCacheForward(gpt2().config).eval()
+    with caplog.at_level(logging.INFO, logger="rlhf.sampling"):
+        samples = sample_with_logprobs(model, prompts(), PAD, EOS, SamplingConfig(temperature=1.0, max_new_tokens=12))
+    assert "NoCacheForward" in caplog.text and "generate" in caplog.text
+    assert samples.logprobs is None
+    for row, did_end in zip(samples.responses.tolist(), samples.ended.tolist()):
+        assert did_end == (EOS in row)
+        if did_end:
+            assert all(t == PAD for t in row[row.index(EOS) + 1 :])
+
+
+def test_restrict_keeps_the_top_k_then_the_nucleus():
+    probs = torch.tensor([[0.0625, 0.375, 0.125, 0.25, 0.1875]])  # exact in binary
+    assert sampling.restrict(probs, 3, 1.0).tolist() == [[0.0, 0.375, 0.0, 0.25, 0.1875]]
+    # nucleus 0.6: 0.375, then 0.25 (0.375 before it, under 0.6); 0.1875 has 0.625 before it
+    assert sampling.restrict(probs, 0, 0.6).tolist() == [[0.0, 0.375, 0.0, 0.25, 0.0]]
+    # after top-3 the mass is 0.8125; the nucleus takes 0.7 of it, 0.56875: again 0.375 and 0.25
+    assert sampling.restrict(probs, 3, 0.7).tolist() == [[0.0, 0.375, 0.0, 0.25, 0.0]]
+    assert sampling.restrict(probs, 0, 0.01).tolist() == [[0.0, 0.375, 0.0, 0.0, 0.0]]  # the most likely always stays
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ppo_takes_the_sampled_logprobs_in_fp32_and_recomputes_them_under_bf16(tiny_model_dir, bf16):
+    # Checklist item 18: the old log-probs are those of the policy that sampled, recomputed in
+    # the training pass's precision when sampling ran in another (sampling stays in fp32).
+    from rlhf import ops, ppo, training
+    from rlhf.models import load_tokenizer
+    from rlhf.scoring import RewardSourceConfig
+
+    config = ppo.PPOConfig(policy=str(tiny_model_dir), reward=RewardSourceConfig(kind="function", path="conftest:length_reward"))
+    config.generation = SamplingConfig(temperature=0.7, max_new_tokens=8)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model, _ = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model.eval()
+    batch = [tokenizer("User: hi\nAssistant:")["input_ids"], tokenizer("User: How do I get help with my refund?\nAssistant:")["input_ids"]]
+    torch.manual_seed(0)
+    sampled = sample_with_logprobs(model.policy, batch, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
+    torch.manual_seed(0)
+    rollout = ppo.generate(model.policy, batch, tokenizer, config, torch.device("cpu"), bf16)
+    policy_calls = []
+    model.policy.register_forward_hook(lambda *args: policy_calls.append(1))
+    ppo.policy_and_value_forward(model, rollout, config, torch.device("cpu"), bf16)
+    assert torch.equal(rollout.responses, sampled.responses)
+    if not bf16:
+        assert torch.equal(rollout.logprobs, sampled.logprobs) and not policy_calls  # no second policy pass
+    else:
+        ids, attention, positions = rollout.inputs()
+        with torch.no_grad(), training.autocast(torch.device("cpu"), True):
+            logits = model.policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+        recomputed = ops.logprobs_from_logits(ppo.response_slice(logits, rollout.query.shape[1]), rollout.responses, 0.7)
+        assert policy_calls and torch.equal(rollout.logprobs, recomputed)
+        assert not torch.allclose(rollout.logprobs * rollout.mask, sampled.logprobs * rollout.mask, atol=1e-4)
