@@ -27,6 +27,7 @@ from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rlhf.demo.corpus import PRETRAIN_MIX, sample_exchange, split_questions
+from rlhf.training import use_bf16
 
 EOS = "<|endoftext|>"
 SEED = 0
@@ -57,12 +58,6 @@ def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS, model_max_length=N_POSITIONS
     )
-
-
-def _bf16_is_fast() -> bool:
-    # bf16 matmuls are several times faster than fp32 on CPUs with AMX tiles, and many times
-    # slower on CPUs without native bf16 (AVX2 only), where they are emulated.
-    return torch.cpu._is_amx_tile_supported()
 
 
 def pretrain(out_dir: str | Path) -> None:
@@ -96,7 +91,7 @@ def pretrain(out_dir: str | Path) -> None:
         optimizer,
         lambda step: min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * step / steps)),
     )
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16_is_fast())
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16("auto", torch.device("cpu")))
 
     model.train()
     order = torch.randperm(len(sequences)).tolist()
