@@ -62,8 +62,10 @@ def test_stage_over_two_processes_equals_one(stage, tiny_model_dir, tiny_data, t
     launch([*common, f"{stage}.output_dir={tmp_path / 'one'}"], 1, tmp_path)
     launch([*common, f"{stage}.output_dir={tmp_path / 'two'}"], 2, tmp_path)
     one, two = load_file(tmp_path / "one" / "model" / "model.safetensors"), load_file(tmp_path / "two" / "model" / "model.safetensors")
+    # Adam divides each gradient coordinate by its own magnitude: float rounding in a near-zero
+    # coordinate (sums in another order) can move that weight by a small fraction of lr = 1e-3.
     for name, value in one.items():
-        torch.testing.assert_close(two[name], value, atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(two[name], value, atol=5e-5, rtol=1e-4, msg=name)
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in b] == [1, 2, 3]  # one line a step: only the main process writes
     for x, y in zip(a, b):
