@@ -103,6 +103,8 @@ def add_lora(model, config: LoraConfig, task_type: str):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    from transformers.pytorch_utils import Conv1D
+
     targets = config.target_modules
     peft_config = PeftLoraConfig(
         r=config.r,
@@ -110,6 +112,8 @@ def add_lora(model, config: LoraConfig, task_type: str):
         lora_dropout=config.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         task_type=task_type,
+        # GPT-2's Conv1D layers store their weights transposed (peft would fix this and warn)
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
     )
     return get_peft_model(model, peft_config)
 
