@@ -157,7 +157,11 @@ def build_trainable(
 def enable_gradient_checkpointing(model) -> None:
     """Recompute activations in the backward pass instead of storing them: transformers' own
     checkpointing, the non-reentrant kind, which needs no gradient on the inputs (LoRA works)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def peak_memory() -> dict[str, float]:
