@@ -288,23 +288,12 @@ def run_reward(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) 
     prompts = random_prompts(bench.batch, bench.prompt_tokens)
     examples = [reward.Example([p + [rng.randrange(3, VOCAB) for _ in range(bench.new_tokens)] + [0] for _ in range(2)]) for p in prompts]
     sequences = [s for e in examples for s in e.sequences]
-    model.train()
 
-    def step() -> None:
-        with training.autocast(device, bf16):
-            scores = reward.forward_scores(model, sequences, tokenizer.pad_token_id, device)
-            loss = reward.comparison_loss(scores, examples, len(examples))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def loss() -> torch.Tensor:
+        scores = reward.forward_scores(model, sequences, tokenizer.pad_token_id, device)
+        return reward.comparison_loss(scores, examples, len(examples))
 
-    times = timed_steps(step, bench)
-    flops = {}
-    with counting(flops, "step"):
-        step()
-    seconds = summary(times)
-    return {"step_s": seconds, "pairs_per_s": len(examples) / seconds["median"], "gflop": flops["step"] / 1e9, "gflops": flops["step"] / 1e9 / seconds["median"]}
+    return optimiser_steps(model, optimizer, loss, bench, bf16, ("pairs", len(examples)))
 
 
 def run_sft(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> dict:
@@ -328,12 +317,20 @@ def run_sft(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     batch = sft.collate(examples, tokenizer.pad_token_id)
     tokens = int(batch["attention_mask"].sum())
     targets = int((batch["labels"][:, 1:] != IGNORE).sum())
+    return optimiser_steps(model, optimizer, lambda: sft.token_loss_sum(model, batch) / targets, bench, bf16, ("tokens", tokens))
+
+
+def optimiser_steps(model, optimizer, loss, bench: BenchConfig, bf16: bool, throughput: tuple[str, int]) -> dict:
+    """Seconds, FLOPs and throughput of an optimiser step on `loss()` (a CPU model in train mode);
+    `throughput` names what one step processes and how many, e.g. ("pairs", 16)."""
+    from rlhf import training
+
     model.train()
 
     def step() -> None:
-        with training.autocast(device, bf16):
-            loss = sft.token_loss_sum(model, batch) / targets
-        loss.backward()
+        with training.autocast(torch.device("cpu"), bf16):
+            value = loss()
+        value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -343,7 +340,8 @@ def run_sft(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     with counting(flops, "step"):
         step()
     seconds = summary(times)
-    return {"step_s": seconds, "tokens_per_s": tokens / seconds["median"], "gflop": flops["step"] / 1e9, "gflops": flops["step"] / 1e9 / seconds["median"]}
+    unit, count = throughput
+    return {"step_s": seconds, f"{unit}_per_s": count / seconds["median"], "gflop": flops["step"] / 1e9, "gflops": flops["step"] / 1e9 / seconds["median"]}
 
 
 def timed_steps(step, bench: BenchConfig) -> list[float]:
