@@ -24,7 +24,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +345,7 @@ def parse_candidates(record: Any, where: str) -> Candidates:
 # ---------------------------------------------------------------- loading whole files
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 class Loaded(list):
@@ -356,24 +357,33 @@ class Loaded(list):
         self.first_error: str | None = None
 
 
+def keep_valid(items: Iterable[T], convert: Callable[[T], U], skip_invalid: bool, what: str) -> Loaded:
+    """`convert` of every item. An item it rejects with a DataError (a malformed record, a prompt
+    too long for the model) stops the run, or with `skip_invalid` is left out, counted and
+    reported once."""
+    converted = Loaded()
+    for item in items:
+        try:
+            converted.append(convert(item))
+        except DataError as exc:
+            if not skip_invalid:
+                raise
+            converted.skipped += 1
+            converted.first_error = converted.first_error or str(exc)
+    if converted.skipped:
+        log.warning("skipped %d %s (skip_invalid is set); the first: %s", converted.skipped, what, converted.first_error)
+    return converted
+
+
 def load(
     sources: str | Path | list[str | Path], parse: Callable[[Any, str], T], skip_invalid: bool = False
 ) -> Loaded:
     """Parse every record of `sources` with `parse`; stop at the first bad one unless `skip_invalid`."""
-    records = Loaded()
-    for source in [sources] if isinstance(sources, (str, Path)) else sources:
-        for where, raw in read_records(source):
-            try:
-                records.append(parse(raw, where))
-            except DataError as exc:
-                if not skip_invalid:
-                    raise
-                records.skipped += 1
-                records.first_error = records.first_error or str(exc)
-    if records.skipped:
-        log.warning("skipped %d invalid records (skip_invalid is set); the first: %s", records.skipped, records.first_error)
+    sources = [sources] if isinstance(sources, (str, Path)) else sources
+    rows = (row for source in sources for row in read_records(source))
+    records = keep_valid(rows, lambda row: parse(row[1], row[0]), skip_invalid, "invalid records")
     if not records:
-        raise DataError(str(sources), "no records")
+        raise DataError(", ".join(map(str, sources)), "no records")
     return records
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.data import DataError, Demonstration
+from rlhf.data import DataError, Demonstration, keep_valid
 
 IGNORE = -100
 
@@ -29,6 +29,13 @@ def encode_prompt(tokenizer, prompt: str, max_length: int, where: str, field: st
     if len(ids) >= max_length:
         raise DataError(where, f"{len(ids)} tokens; the model allows at most {max_length}", field)
     return ids
+
+
+def encode_prompts(tokenizer, records: list, max_length: int, skip_invalid: bool) -> tuple[list, list[list[int]]]:
+    """(the prompt records that fit, their ids): a prompt too long for the model stops the run,
+    or with `skip_invalid` is left out and counted."""
+    encoded = keep_valid(records, lambda r: (r, encode_prompt(tokenizer, r.prompt, max_length, r.source)), skip_invalid, "prompts too long for the model")
+    return [r for r, _ in encoded], [ids for _, ids in encoded]
 
 
 def encode_completion(

@@ -21,7 +21,7 @@ import torch
 
 from rlhf.config import ConfigError
 from rlhf.data import load_prompts
-from rlhf.encoding import encode_prompt, pad
+from rlhf.encoding import encode_prompts, pad
 from rlhf.models import context_length, load_causal_lm, load_tokenizer
 from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample
 from rlhf.scoring import FunctionScore, RewardSourceConfig, load_reward_source
@@ -38,6 +38,8 @@ class EvalConfig:
     """Policies to evaluate against the reference (e.g. the PPO model)."""
     prompts: list[str] = field(default_factory=list)
     """Held-out prompt files."""
+    skip_invalid: bool = False
+    """Skip malformed prompts and prompts too long for the model (and report how many) instead of stopping at the first."""
     num_prompts: int = 0
     """Evaluate on this many prompts (0: all)."""
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
@@ -99,13 +101,13 @@ def evaluate(config: EvalConfig) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = list(load_prompts(config.prompts))
+    records = list(load_prompts(config.prompts, config.skip_invalid))
     if config.num_prompts and config.num_prompts < len(records):
         records = random.Random(config.seed).sample(records, config.num_prompts)
     tokenizer = load_tokenizer(config.reference)
     reference = load_causal_lm(config.reference, tokenizer).to(device).eval()
     max_prompt = context_length(reference.config) - config.generation.max_new_tokens
-    prompts = [encode_prompt(tokenizer, r.prompt, max_prompt, r.source) for r in records]
+    records, prompts = encode_prompts(tokenizer, records, max_prompt, config.skip_invalid)
     texts = [r.prompt for r in records]
     reward_source = load_reward_source(config.reward, device) if config.reward.path else None
     oracle = FunctionScore(config.oracle) if config.oracle else None

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from rlhf import ops, training
 from rlhf.config import ConfigError
-from rlhf.data import Comparison, DataError, Rating, load_feedback, load_prompts
+from rlhf.data import Comparison, DataError, Rating, keep_valid, load_feedback, load_prompts
 from rlhf.encoding import encode_completion, encode_prompt, pad
 from rlhf.models import LoraConfig, context_length, dropout_off, load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
 from rlhf.sampling import SamplingConfig, sample_texts
@@ -192,9 +192,10 @@ def train(config: RewardConfig) -> Path:
     if config.disable_dropout:
         dropout_off(model)
     max_length = min(config.data.max_length, context_length(model.config))
-    examples = [encode_feedback(tokenizer, r, max_length) for r in records]
+    encode = lambda record: encode_feedback(tokenizer, record, max_length)  # noqa: E731
+    examples = keep_valid(records, encode, config.data.skip_invalid, "records that do not fit the model")
     if eval_records is not None:
-        held_out = [encode_feedback(tokenizer, r, max_length) for r in eval_records]
+        held_out = keep_valid(eval_records, encode, config.data.skip_invalid, "held-out records that do not fit the model")
     else:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
         n_eval = max(1, int(len(examples) * config.data.eval_fraction))

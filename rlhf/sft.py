@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.config import ConfigError
-from rlhf.data import load_demonstrations
+from rlhf.data import keep_valid, load_demonstrations
 from rlhf.encoding import FALLBACK_CHAT_TEMPLATE, IGNORE, encode_demonstration, pad
 from rlhf.models import LoraConfig, context_length, load_causal_lm, load_tokenizer, save_model
 from rlhf import training
@@ -103,9 +103,10 @@ def train(config: SFTConfig) -> Path:
     max_length = min(config.data.max_length, context_length(model.config))
     if any(d.messages is not None for d in demos) and not tokenizer.chat_template:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    examples = [encode_demonstration(tokenizer, d, max_length) for d in demos]
+    encode = lambda demo: encode_demonstration(tokenizer, demo, max_length)  # noqa: E731
+    examples = keep_valid(demos, encode, config.data.skip_invalid, "demonstrations that do not fit the model")
     if eval_demos is not None:
-        held_out = [encode_demonstration(tokenizer, d, max_length) for d in eval_demos]
+        held_out = keep_valid(eval_demos, encode, config.data.skip_invalid, "held-out demonstrations that do not fit the model")
     else:
         examples, held_out = split(examples, config.data.eval_fraction, config.seed)
 
