@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from rlhf import ops, training
 from rlhf.config import ConfigError, to_dict
 from rlhf.data import load_prompts
-from rlhf.encoding import encode_prompt, pad
+from rlhf.encoding import encode_prompts, pad
 from rlhf.models import (
     LoraConfig,
     context_length,
@@ -43,7 +43,7 @@ from rlhf.models import (
 )
 from rlhf.sampling import SamplingConfig, response_mask, sample_with_logprobs
 from rlhf.scoring import RewardSourceConfig, load_reward_source
-from rlhf.tracking import Tracker
+from rlhf.tracking import Tracker, keep_steps_until
 from rlhf.training import Precision
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class PPOOptimConfig:
     warmup_steps: int = 0
     """Linear warm-up in optimiser updates."""
     schedule: Literal["constant", "linear", "cosine"] = "linear"
-    """Learning-rate schedule over max_steps rollouts."""
+    """Learning-rate schedule over the optimiser updates of max_steps rollouts."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping (0 turns it off)."""
 
@@ -286,11 +286,15 @@ def timed(timings: dict[str, float], key: str):
 
 
 @torch.no_grad()
-def rollout(model: PolicyAndValue, reference, prompts: list[list[int]], texts: list[str], reward_source, config: PPOConfig, tokenizer, device, bf16: bool) -> tuple[Rollout, dict]:
-    """Sample, score, and run the value, policy and reference forward passes, each phase timed."""
+def rollout(
+    model: PolicyAndValue, reference, prompts: list[list[int]], texts: list[str], reward_source, config: PPOConfig, tokenizer, device, bf16: bool,
+    generator: torch.Generator | None = None,
+) -> tuple[Rollout, dict]:
+    """Sample (from `generator`'s stream), score, and run the value, policy and reference forward
+    passes, each phase timed."""
     timings: dict[str, float] = {}
     with timed(timings, "time/generate"):
-        batch = generate(model.policy, prompts, tokenizer, config, device, bf16)
+        batch = generate(model.policy, prompts, tokenizer, config, device, bf16, generator)
     with timed(timings, "time/score"):
         completions = score(batch, texts, reward_source, tokenizer, config)
     with timed(timings, "time/value"):
@@ -301,7 +305,7 @@ def rollout(model: PolicyAndValue, reference, prompts: list[list[int]], texts: l
 
 
 @torch.no_grad()
-def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, device, bf16: bool) -> Rollout:
+def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, device, bf16: bool, generator: torch.Generator | None = None) -> Rollout:
     """A Rollout holding the left-padded prompts, the sampled responses with their masks, and the
     log-probs of sampling where they are the policy's own (checklist item 18).
 
@@ -309,7 +313,7 @@ def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, dev
     the policy to about 1e-5 (tests/test_sampling.py) and save one. Under bf16 autocast the
     training passes see other numbers, so the log-probs are recomputed in bf16 instead.
     """
-    samples = sample_with_logprobs(policy, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
+    samples = sample_with_logprobs(policy, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation, generator)
     query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
     responses = samples.responses.to(device)
     batch = Rollout(query.to(device), query_mask.to(device), responses, response_mask(responses, tokenizer.eos_token_id), samples.ended.to(device))
@@ -417,7 +421,8 @@ def ppo_loss(model, batch: Rollout, rows: torch.Tensor, config: PPOConfig, num_t
 
 
 def ppo_epochs(model, optimizer, scheduler, batch: Rollout, config: PPOConfig, accelerator, bf16: bool, generator: torch.Generator) -> dict[str, float]:
-    """K epochs of clipped-PPO updates over shuffled minibatches; returns mean statistics."""
+    """K epochs of clipped-PPO updates over shuffled minibatches, the learning-rate schedule
+    stepping once per update; returns mean statistics, `train/lr` the mean rate they used."""
     algo = config.algo
     local_minibatch = algo.minibatch_size // accelerator.num_processes
     accumulation = local_minibatch // algo.micro_batch_size
@@ -442,13 +447,25 @@ def ppo_epochs(model, optimizer, scheduler, batch: Rollout, config: PPOConfig, a
             stats = dict(zip(stats, reduced))
             if config.optim.grad_clip:
                 stats["train/grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
+            stats["train/lr"] = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             updates += 1
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
-    scheduler.step()
     return {key: value / updates for key, value in sums.items()}
+
+
+def updates_per_rollout(algo: PPOAlgoConfig) -> int:
+    """Optimiser updates in one PPO step: an update per minibatch, every epoch."""
+    return algo.epochs * (algo.batch_size // algo.minibatch_size)
+
+
+def sampling_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one process's sampling stream at one step: each data-parallel process draws
+    its own completions, and a resumed run draws the ones it would have drawn."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
 
 
 def step_metrics(batch: Rollout, beta: float, accelerator) -> dict[str, float]:
@@ -478,10 +495,16 @@ def step_metrics(batch: Rollout, beta: float, accelerator) -> dict[str, float]:
     }
 
 
-def should_stop(config: StopConfig, step: int, window: deque, kl: float) -> str | None:
-    """The reason to stop after `step`, or None."""
+def over_kl_budget(config: StopConfig, step: int, kl: float) -> str | None:
+    """The reason to stop at `step` before its update, or None: the reward-hacking guard looks at
+    the rollout's KL to the reference, so that no update is made on an over-budget batch."""
     if config.kl_budget is not None and kl > config.kl_budget:
-        return f"KL budget exceeded: mean KL per sequence {kl:.3f} > {config.kl_budget}"
+        return f"KL budget exceeded at step {step}, before its update: mean KL per sequence {kl:.3f} > {config.kl_budget}"
+    return None
+
+
+def should_stop(config: StopConfig, step: int, window: deque) -> str | None:
+    """The reason to stop after `step`, or None."""
     if config.reward_threshold is not None and len(window) == config.window and sum(window) / len(window) >= config.reward_threshold:
         return f"reward threshold reached: mean score {sum(window) / len(window):.3f} over the last {config.window} steps >= {config.reward_threshold}"
     if step >= config.max_steps:
@@ -518,13 +541,13 @@ def train(config: PPOConfig) -> Path:
     if checkpoint is not None:
         load_trained(model, checkpoint)
     max_prompt = context_length(model.policy.config) - config.generation.max_new_tokens
-    prompts = [encode_prompt(tokenizer, r.prompt, max_prompt, r.source) for r in records]
+    records, prompts = encode_prompts(tokenizer, records, max_prompt, config.prompts.skip_invalid)
     reward_source = load_reward_source(config.reward, device)
 
-    optimizer, scheduler = training.make_optimizer(model, config.optim, config.stop.max_steps)
+    optimizer, scheduler = training.make_optimizer(model, config.optim, config.stop.max_steps * updates_per_rollout(config.algo))
     model, optimizer = accelerator.prepare(model, optimizer)
     kl_controller = ops.AdaptiveKLController(config.kl.beta, config.kl.target, config.kl.horizon) if config.kl.adaptive else ops.FixedKLController(config.kl.beta)
-    generator = torch.Generator().manual_seed(config.seed + 1)
+    generator = torch.Generator().manual_seed(config.seed + 1)  # minibatch order
     state = {"epoch": 0, "batch": 0, "window": []}
     if checkpoint is not None:
         state = training.load_state(checkpoint)
@@ -537,36 +560,42 @@ def train(config: PPOConfig) -> Path:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        keep_steps_until(out / "samples.jsonl", step)
         log.info("ppo: %d prompts, batch %d, bf16=%s, lora=%s, value=%s", len(prompts), config.algo.batch_size, bf16, config.lora.enabled, "head on policy" if config.value.head_on_policy else "separate")
     tracker = Tracker(out, enabled=accelerator.is_main_process, resume_step=step)
-    samples_path = out / "samples.jsonl"
     order = training.batches(len(prompts), config.algo.batch_size, config.seed, state["epoch"], state["batch"])
     bar = tqdm(total=config.stop.max_steps, initial=step, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    reason = should_stop(config.stop, step, window, 0.0) if step else None
+    # A KL-budget stop cannot be decided again from the checkpoint: it stays stopped.
+    reason = state.get("kl_stop") or (should_stop(config.stop, step, window) if step else None)
+    if reason and checkpoint is not None:
+        log.info("the run in %s had already stopped at step %d: %s", out, step, reason)
     while reason is None:
         epoch, index, indices = next(order)
         local = training.shard(indices, accelerator.process_index, accelerator.num_processes)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
-        batch, info = rollout(unwrapped, reference, [prompts[i] for i in local], [records[i].prompt for i in local], reward_source, config, tokenizer, device, bf16)
+        stream = torch.Generator(device).manual_seed(sampling_seed(config.seed, step, accelerator.process_index))
+        batch, info = rollout(unwrapped, reference, [prompts[i] for i in local], [records[i].prompt for i in local], reward_source, config, tokenizer, device, bf16, stream)
         compute_advantages(batch, kl_controller.beta, config, accelerator)
-        model.train()
-        timings = {k: v for k, v in info.items() if k.startswith("time/")}
-        with timed(timings, "time/train"):
-            train_stats = ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
-        metrics = {**step_metrics(batch, kl_controller.beta, accelerator), **train_stats, **timings}
-        metrics.update({"train/lr": scheduler.get_last_lr()[0], **training.peak_memory()})
-        kl_controller.update(metrics["kl/sequence"], config.algo.batch_size)
+        metrics = step_metrics(batch, kl_controller.beta, accelerator)
         step += 1
+        kl_stop = over_kl_budget(config.stop, step, metrics["kl/sequence"])
+        timings = {k: v for k, v in info.items() if k.startswith("time/")}
+        if kl_stop is None:
+            model.train()
+            with timed(timings, "time/train"):
+                metrics.update(ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator))
+            kl_controller.update(metrics["kl/sequence"], config.algo.batch_size)
+        metrics.update({**timings, **training.peak_memory()})
         window.append(metrics["score/mean"])
         tracker.log(step, metrics)
         if accelerator.is_main_process:
-            write_samples(samples_path, step, [records[i].prompt for i in local], info["completions"], batch, config.samples_per_step)
+            write_samples(out / "samples.jsonl", step, [records[i].prompt for i in local], info["completions"], batch, config.samples_per_step)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score/mean']:.3f}", kl=f"{metrics['kl/sequence']:.2f}", beta=f"{kl_controller.beta:.3f}")
-        reason = should_stop(config.stop, step, window, metrics["kl/sequence"])
+        reason = kl_stop or should_stop(config.stop, step, window)
         if (step % config.save_every == 0 or reason) and accelerator.is_main_process:
-            position = {"epoch": epoch, "batch": index + 1, "window": list(window), "beta": kl_controller.beta, "generator": generator.get_state()}
+            position = {"epoch": epoch, "batch": index + 1, "window": list(window), "beta": kl_controller.beta, "generator": generator.get_state(), "kl_stop": kl_stop}
             save_trained(out, step, accelerator.unwrap_model(model), tokenizer, {**position, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
     bar.close()
     tracker.close()

@@ -78,7 +78,7 @@ def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, config: Sa
 
 
 @torch.no_grad()
-def sample_with_logprobs(model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig) -> Samples:
+def sample_with_logprobs(model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None = None) -> Samples:
     """Sample one response per prompt, with the log-probs of the sampled tokens (see the module doc)."""
     device = next(model.parameters()).device
     ids, mask = pad(prompts, pad_id, side="left")
@@ -95,7 +95,7 @@ def sample_with_logprobs(model, prompts: list[list[int]], pad_id: int, eos_id: i
     rows = torch.arange(B, device=device)  # the prompt each decoder row belongs to
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # per decoder row
     for t in range(T):
-        uniform = torch.rand(B, device=device)  # one per prompt, every step: the same stream whatever is computed
+        uniform = torch.rand(B, device=device, generator=generator)  # one per prompt, every step: the same stream whatever is computed
         tokens, token_logprobs = draw(logits, uniform[rows], config)
         responses[rows, t] = tokens.masked_fill(finished, pad_id)
         logprobs[rows, t] = token_logprobs.masked_fill(finished, 0.0)

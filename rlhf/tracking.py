@@ -21,12 +21,7 @@ class Tracker:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step and self.path.exists():
-            # Drop lines logged after the checkpoint we resume from: they will be logged again.
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        keep_steps_until(self.path, resume_step)
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(str(self.path.parent / "tb"), purge_step=resume_step + 1 if resume_step else None)
@@ -46,6 +41,18 @@ class Tracker:
         if self.enabled:
             self._file.close()
             self._writer.close()
+
+
+def keep_steps_until(path: Path, step: int) -> None:
+    """Drop the lines of a JSONL log (records with a "step") written after `step`, all of them
+    for 0: a run resumed from the checkpoint of `step` (or started afresh) logs them again."""
+    if not path.exists():
+        return
+    if not step:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -70,3 +70,13 @@ def test_stage_over_two_processes_equals_one(stage, tiny_model_dir, tiny_data, t
     assert [m["step"] for m in b] == [1, 2, 3]  # one line a step: only the main process writes
     for x, y in zip(a, b):
         assert y["train/loss"] == pytest.approx(x["train/loss"], rel=1e-4)
+
+
+def test_each_process_samples_its_own_completions(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "same.jsonl"
+    prompts.write_text('{"prompt": "User: How do I get help with my refund?\\nAssistant:"}\n' * 8)
+    launch([str(HERE / "distributed_sampling.py"), str(tiny_model_dir), str(prompts), str(tmp_path / "run")], 2, tmp_path)
+    first, second = torch.load(tmp_path / "run" / "responses-0.pt"), torch.load(tmp_path / "run" / "responses-1.pt")
+    assert first.shape[0] == second.shape[0] == 4
+    width = min(first.shape[1], second.shape[1])
+    assert not torch.equal(first[:, :width], second[:, :width])  # the same rows of the same prompt

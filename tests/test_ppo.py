@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 
@@ -14,6 +16,7 @@ from rlhf.models import load_causal_lm, load_tokenizer, position_ids
 from rlhf.sampling import SamplingConfig, response_logprobs
 from rlhf.scoring import RewardSourceConfig, load_reward_source
 from rlhf.tracking import Tracker, read_metrics
+from safetensors.torch import load_file
 
 
 def make_config(policy, prompts, out, **stop) -> ppo.PPOConfig:
@@ -76,6 +79,7 @@ def test_same_seed_gives_the_same_run(tiny_model_dir, tiny_prompts, tmp_path):
     ppo.train(make_config(tiny_model_dir, tiny_prompts, tmp_path / "a", max_steps=2))
     ppo.train(make_config(tiny_model_dir, tiny_prompts, tmp_path / "b", max_steps=2))
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert len(a) == len(b) == 2
     for x, y in zip(a, b):
         for key in x:
             if not key.startswith(("time", "memory")):
@@ -112,11 +116,75 @@ def test_without_kl_penalty_a_gameable_reward_drives_kl_up_and_the_budget_stops_
     assert thirds[0] < thirds[1] < thirds[2] and kls[-1] > 20  # still climbing, far past any budget
     assert (tmp_path / "free" / "stop_reason.txt").read_text().startswith("max steps")
 
-    ppo.train(gameable(make_config(tiny_sft_dir, tiny_prompts, tmp_path / "guarded", max_steps=12, kl_budget=5.0)))
+    guarded = gameable(make_config(tiny_sft_dir, tiny_prompts, tmp_path / "guarded", max_steps=12, kl_budget=5.0))
+    guarded.save_every = 1
+    ppo.train(guarded)
     metrics = read_metrics(tmp_path / "guarded")
     reason = (tmp_path / "guarded" / "stop_reason.txt").read_text()
     assert reason.startswith("KL budget exceeded") and len(metrics) < 12
     assert metrics[-1]["kl/sequence"] > 5.0 and all(m["kl/sequence"] <= 5.0 for m in metrics[:-1])
+    # The guard decides before the update: the over-budget batch trains nothing, and the saved
+    # policy is the one of the step before.
+    assert "loss/policy" not in metrics[-1] and all("loss/policy" in m for m in metrics[:-1])
+    before = tmp_path / "guarded" / "checkpoints" / f"step-{len(metrics) - 1:07d}" / "model" / "model.safetensors"
+    final, previous = load_file(tmp_path / "guarded" / "model" / "model.safetensors"), load_file(before)
+    assert final.keys() == previous.keys() and all(torch.equal(final[k], previous[k]) for k in final)
+
+
+def test_a_run_stopped_by_the_kl_budget_stays_stopped_on_resume(tiny_sft_dir, tiny_prompts, tmp_path, caplog):
+    config = gameable(make_config(tiny_sft_dir, tiny_prompts, tmp_path, max_steps=12, kl_budget=5.0))
+    ppo.train(config)
+    metrics, reason = (tmp_path / "metrics.jsonl").read_text(), (tmp_path / "stop_reason.txt").read_text()
+    assert reason.startswith("KL budget exceeded")
+    config.resume = True
+    with caplog.at_level(logging.INFO, logger="rlhf.ppo"):
+        ppo.train(config)
+    assert "already stopped" in caplog.text and reason.strip() in caplog.text
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics and (tmp_path / "stop_reason.txt").read_text() == reason
+
+
+def test_warm_up_counts_optimiser_updates_and_the_logged_rate_is_the_one_used(tiny_model_dir, tiny_prompts, tmp_path):
+    config = make_config(tiny_model_dir, tiny_prompts, tmp_path, max_steps=3)
+    config.algo.epochs = 1  # 16 rollouts in minibatches of 8: two updates a step, six in all
+    config.optim = ppo.PPOOptimConfig(lr=1e-3, warmup_steps=4, schedule="linear")
+    ppo.train(config)
+    # The updates run at 0, 1/4, 2/4, 3/4 of lr (warm-up), then decay linearly over the last
+    # two: (6 - 4) / 2 = 1 and (6 - 5) / 2 = 1/2. Each step logs the mean of its two.
+    logged = [m["train/lr"] for m in read_metrics(tmp_path)]
+    assert logged == pytest.approx([1.25e-4, 6.25e-4, 7.5e-4], rel=1e-9)
+
+
+def test_the_training_pass_at_the_sampling_temperature_reproduces_the_sampled_logprobs(tiny_model_dir, tiny_prompts, tmp_path):
+    # Checklist items 10 and 18: before any update the policy is the one that sampled, so with
+    # the sampler's own log-probs as the old ones every ratio is 1, at any temperature.
+    from rlhf import training
+
+    config = make_config(tiny_model_dir, tiny_prompts, tmp_path)
+    config.generation = SamplingConfig(temperature=0.6, max_new_tokens=12)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model, reference = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model.eval()
+    prompts = [tokenizer(f"User: {w}\nAssistant:")["input_ids"] for w in ("hi", "refund please", "where is my invoice", "help")]
+    source = load_reward_source(config.reward)
+    batch, _ = ppo.rollout(model, reference, prompts, ["p"] * 4, source, config, tokenizer, torch.device("cpu"), False, torch.Generator().manual_seed(0))
+    ppo.compute_advantages(batch, 0.05, config, training.make_accelerator())
+    _, stats = ppo.ppo_loss(model, batch, torch.arange(4), config, batch.mask.sum(), False)
+    assert stats["policy/approx_kl"].item() < 1e-9 and stats["policy/clipfrac"].item() == 0.0
+
+
+def test_the_missing_eos_penalty_replaces_the_score_of_responses_without_eos(tiny_model_dir, tmp_path):
+    config = make_config(tiny_model_dir, tmp_path / "unused.jsonl", tmp_path)
+    config.reward.path = "conftest:length_reward"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    words = tokenizer(" refund", add_special_tokens=False)["input_ids"] * 3
+    responses = torch.tensor([words + [tokenizer.eos_token_id], words + words[:1]])
+    batch = ppo.Rollout(responses[:, :1], torch.ones(2, 1, dtype=torch.long), responses, torch.ones_like(responses), torch.tensor([True, False]))
+    completions = ppo.score(batch, ["p", "p"], load_reward_source(config.reward), tokenizer, config)
+    assert completions == [" refund refund refund", " refund refund refund refund"]
+    assert batch.raw_scores.tolist() == [21.0, 28.0] and batch.scores.tolist() == [21.0, -1.0]
+    config.algo.missing_eos_penalty, config.algo.score_clip = 0.0, 25.0  # penalty off; clipping on
+    ppo.score(batch, ["p", "p"], load_reward_source(config.reward), tokenizer, config)
+    assert batch.scores.tolist() == [21.0, 25.0]
 
 
 class Crash(Exception):
@@ -141,6 +209,10 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_model_dir, t
     ppo.train(config)
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    # step 3's samples were written before the crash and again after the resume from step 2: once
+    samples = [json.loads(line) for line in (tmp_path / "part" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [step for step in (1, 2, 3, 4, 5) for _ in range(config.samples_per_step)]
+    assert (tmp_path / "part" / "samples.jsonl").read_text() == (tmp_path / "full" / "samples.jsonl").read_text()
     for x, y in zip(a, b):
         for key in x:
             if not key.startswith(("time", "memory")):
@@ -168,3 +240,19 @@ def test_value_head_on_the_policy_runs(tiny_model_dir, tiny_prompts, tmp_path):
     ppo.train(config)
     metrics = read_metrics(tmp_path)
     assert len(metrics) == 2 and all(math.isfinite(m["loss/value"]) for m in metrics)
+
+
+def test_an_over_long_prompt_is_a_data_error_that_skip_invalid_skips(tiny_model_dir, tiny_prompts, tmp_path, caplog):
+    from rlhf.data import DataError
+
+    records = tiny_prompts.read_text().splitlines()
+    records.insert(2, json.dumps({"prompt": "User: refund " * 40 + "\nAssistant:"}))  # line 3: over 64 - 8 tokens
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(records) + "\n")
+    config = make_config(tiny_model_dir, prompts, tmp_path / "run", max_steps=1)
+    with pytest.raises(DataError, match=rf"^{prompts}:3: field 'prompt': \d+ tokens; the model allows at most 56"):
+        ppo.train(config)
+    config.prompts.skip_invalid = True
+    with caplog.at_level(logging.WARNING, logger="rlhf.data"):
+        ppo.train(config)
+    assert "skipped 1 prompts too long for the model" in caplog.text and len(read_metrics(tmp_path / "run")) == 1

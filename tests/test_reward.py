@@ -109,3 +109,19 @@ def test_function_and_classifier_sources(tiny_model_dir, tmp_path):
     assert source(["ignored prompt"], [" hello there"]).item() == pytest.approx(expected, abs=1e-5)
     with pytest.raises(Exception, match="no label 'friendly'"):
         load_reward_source(RewardSourceConfig(kind="classifier", path=str(tmp_path / "clf"), label="friendly"))
+
+
+def test_a_reward_model_score_does_not_depend_on_the_padding_of_its_batch(tiny_model_dir, tmp_path):
+    # Checklist item 4: the score is read at the last real token, wherever padding puts it.
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_sequence_classifier(str(tiny_model_dir), tokenizer, num_labels=1)
+    torch.nn.init.normal_(score_head(model).weight, std=1.0)  # a head that tells positions apart
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    source = load_reward_source(RewardSourceConfig(kind="model", path=str(tmp_path / "rm")))
+    short, long = (prompt_for("refund"), good_reply("refund")), (prompt_for("shipping"), good_reply("shipping") * 4)
+    alone = source([short[0]], [short[1]])
+    padded = source([short[0], long[0]], [short[1], long[1]])  # `short` is right-padded here
+    assert len(source.encode(*long)) > len(source.encode(*short)) + 10
+    assert padded[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
+    assert padded[1].item() != pytest.approx(alone[0].item(), abs=1e-3)
