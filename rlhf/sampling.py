@@ -10,8 +10,9 @@ it), and temperature, top-k and top-p are applied inside the loop. A GPT-2 model
 LoRA adapters) steps through its own modules over a preallocated cache (`GPT2Decoder`), where the
 per-token cost of a general forward pass would dominate at small sizes; another causal LM steps
 through its forward over a `DynamicCache` (`CacheDecoder`; `rlhf/causal_lm.py` finds how that
-forward takes a cache). A model whose forward fills no cache falls back to `generate`. Which path
-a model class takes is logged once (INFO, `rlhf.sampling`).
+forward takes a cache). A model whose forward fills no cache falls back to `generate`, set up from
+`SamplingConfig` alone (nothing of the checkpoint's generation_config), with log-probs computed from
+the logits it returns. Which path a model class takes is logged once (INFO, `rlhf.sampling`).
 
 Randomness: each step draws one uniform number per sequence of the batch (finished or not) from
 torch's default generator and takes the token at which the cumulative distribution, in token-id
@@ -69,7 +70,7 @@ class Samples:
 
     responses: torch.Tensor  # (B, T) sampled ids, pad after the first EOS
     ended: torch.Tensor  # (B,) True where the response emitted EOS
-    logprobs: torch.Tensor | None  # (B, T) log-probs of the sampled tokens at the sampling temperature, 0 after EOS; None from `generate`
+    logprobs: torch.Tensor  # (B, T) log-probs of the sampled tokens at the sampling temperature, 0 after EOS
 
 
 @torch.no_grad()
@@ -91,7 +92,7 @@ def sample_with_logprobs(model, prompts: list[list[int]], pad_id: int, eos_id: i
     logits = decoder.prefill(ids, mask, positions)  # (B, V) next-token logits of each prompt; None: no cache filled
     log_path(model, decoder.path)
     if logits is None:
-        return Samples(*generate_with_hf(model, ids, mask, pad_id, eos_id, config), None)
+        return generate_with_hf(model, ids, mask, pad_id, eos_id, config)
     next_position = positions[:, -1] + 1
     responses = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, T, device=device)
@@ -150,12 +151,13 @@ def restrict(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return probs
 
 
-def generate_with_hf(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, eos_id: int, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """`transformers` generate, for the models the sampler's own loop cannot drive."""
+def generate_with_hf(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, eos_id: int, config: SamplingConfig) -> Samples:
+    """`transformers` generate, for the models the sampler's own loop cannot drive, sampling from
+    `config` alone; the log-probs are those `draw` gives, from the unprocessed logits."""
+    from transformers import GenerationConfig
+
     greedy = config.temperature == 0
-    output = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
+    settings = GenerationConfig(
         do_sample=not greedy,
         temperature=None if greedy else config.temperature,
         top_p=None if greedy else config.top_p,
@@ -164,8 +166,23 @@ def generate_with_hf(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, 
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         use_cache=False,  # generate hands its cache to the forward as the sampler does: it would stay empty
+        output_logits=True,
+        return_dict_in_generate=True,
     )
-    return truncate_at_eos(output[:, ids.shape[1] :], eos_id, pad_id)
+    # generate fills every setting left unset in the config it is given from the model's own
+    # generation_config, and many settings are off only while unset (min_new_tokens, bad_words_ids,
+    # suppress_tokens, forced_eos_token_id, ...). So the model's is set aside for the call: a
+    # repetition penalty in a checkpoint must not make rollouts that the policy did not sample.
+    base = causal_lm.base_model(model)
+    own, base.generation_config = base.generation_config, settings
+    try:
+        output = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+    finally:
+        base.generation_config = own
+    responses, ended = truncate_at_eos(output.sequences[:, ids.shape[1] :], eos_id, pad_id)
+    logits = torch.stack(output.logits, 1)  # (B, T, V), before generate's temperature, top-k and top-p
+    logprobs = logprobs_from_logits(logits, responses, config.temperature or 1.0)
+    return Samples(responses, ended, logprobs.masked_fill(response_mask(responses, eos_id) == 0, 0.0))
 
 
 _paths_logged: set[tuple[type, type]] = set()

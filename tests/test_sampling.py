@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from rlhf import causal_lm, sampling
 from rlhf.encoding import pad
@@ -211,17 +211,80 @@ class NoCacheForward(GPT2LMHeadModel):
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
 
 
+def no_cache_gpt2(vocab: int = VOCAB, **generation_settings):
+    """GPT-2 behind NoCacheForward, with `generation_settings` in the checkpoint's generation_config."""
+    model = NoCacheForward(gpt2(vocab).config).eval()
+    model.generation_config = GenerationConfig(**generation_settings)
+    return model
+
+
 def test_a_model_the_sampler_cannot_drive_falls_back_to_generate(caplog, monkeypatch):
-    model = NoCacheForward(gpt2().config).eval()
+    model, batch = no_cache_gpt2(vocab=400), prompts(16, vocab=400)
     monkeypatch.setattr(sampling, "_paths_logged", set())
+    config = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=24)
+    torch.manual_seed(0)
     with caplog.at_level(logging.INFO, logger="rlhf.sampling"):
-        samples = sample_with_logprobs(model, prompts(), PAD, EOS, SamplingConfig(temperature=1.0, max_new_tokens=12))
+        samples = sample_with_logprobs(model, batch, PAD, EOS, config)
     assert "NoCacheForward: falling back to transformers' generate" in caplog.text
-    assert samples.logprobs is None
     for row, did_end in zip(samples.responses.tolist(), samples.ended.tolist()):
         assert did_end == (EOS in row)
         if did_end:
             assert all(t == PAD for t in row[row.index(EOS) + 1 :])
+    query, query_mask = pad(batch, PAD, side="left")
+    mask = response_mask(samples.responses, EOS)
+    forced = response_logprobs(model, query, query_mask, samples.responses, mask, config.temperature)
+    torch.testing.assert_close(samples.logprobs * mask, forced * mask, atol=LOGPROB_TOLERANCE, rtol=0)
+    assert (samples.logprobs[mask == 0] == 0).all()
+
+
+def generate_with_own_config(model, batch: list[list[int]], config: SamplingConfig) -> list[list[int]]:
+    """What `model.generate` samples with the checkpoint's generation_config under the test's settings."""
+    ids, mask = pad(batch, PAD, side="left")
+    sampled = config.temperature > 0
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens, pad_token_id=PAD, eos_token_id=EOS, use_cache=False,
+        do_sample=sampled, **(dict(temperature=config.temperature, top_k=0, top_p=1.0) if sampled else {}),
+    )
+    return sampling.truncate_at_eos(out[:, ids.shape[1] :], EOS, PAD)[0].tolist()
+
+
+def test_the_checkpoints_generation_config_does_not_reach_greedy_rollouts():
+    settings = dict(repetition_penalty=10.0, no_repeat_ngram_size=2, min_new_tokens=5)
+    model, batch, greedy = no_cache_gpt2(**settings), prompts(), SETTINGS["greedy"]
+    expected = plain_sample(model, batch, greedy)
+    assert sample(model, batch, PAD, EOS, greedy)[0].tolist() == expected
+    assert generate_with_own_config(model, batch, greedy) != expected  # the settings do change generate's tokens
+
+
+# Settings a checkpoint's generation_config may carry that generate would apply to rollouts when
+# the config it is given leaves them unset; several are off only while unset (None).
+CHECKPOINT_SETTINGS = {
+    "repetition_penalty": 10.0,
+    "no_repeat_ngram_size": 2,
+    "min_new_tokens": 5,
+    "bad_words_ids": [[5]],
+    "suppress_tokens": [5, 7],
+    "begin_suppress_tokens": [5, 7, 9],
+    "sequence_bias": [[[5], -100.0]],
+    "forced_eos_token_id": EOS,
+    "exponential_decay_length_penalty": (2, 2.0),
+    "typical_p": 0.5,
+    "epsilon_cutoff": 0.1,
+    "num_beams": 2,
+    "max_time": 0.0,
+}
+
+
+@pytest.mark.parametrize("setting", CHECKPOINT_SETTINGS)
+def test_no_setting_of_the_checkpoints_generation_config_reaches_sampled_rollouts(setting):
+    config, batch = SETTINGS["t1"], prompts()
+    clean, model = no_cache_gpt2(), no_cache_gpt2(**{setting: CHECKPOINT_SETTINGS[setting]})
+    torch.manual_seed(0)
+    expected = sample(clean, batch, PAD, EOS, config)[0].tolist()
+    torch.manual_seed(0)
+    assert sample(model, batch, PAD, EOS, config)[0].tolist() == expected
+    torch.manual_seed(0)
+    assert generate_with_own_config(model, batch, config) != expected  # the setting does change generate's tokens
 
 
 def test_restrict_keeps_the_top_k_then_the_nucleus():
