@@ -15,10 +15,10 @@ forward takes a cache). A model whose forward fills no cache falls back to `gene
 the logits it returns. Which path a model class takes is logged once (INFO, `rlhf.sampling`).
 
 Randomness: each step draws one uniform number per sequence of the batch (finished or not) from
-torch's default generator and takes the token at which the cumulative distribution, in token-id
-order, first exceeds it. The same seed therefore gives the same tokens whichever decoder computed
-the logits, up to logits that differ in the last bits (tests/test_sampling.py). `generate` draws
-its own way.
+`generator`, or torch's default generator when none is given, and takes the token at which the
+cumulative distribution, in token-id order, first exceeds it. The same seed therefore gives the
+same tokens whichever decoder computed the logits, up to logits that differ in the last bits
+(tests/test_sampling.py). `generate` draws its own way, seeded from `generator` when one is given.
 """
 
 from __future__ import annotations
@@ -74,15 +74,22 @@ class Samples:
 
 
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one response per prompt; returns (responses, ended_with_eos)."""
-    samples = sample_with_logprobs(model, prompts, pad_id, eos_id, config)
+    samples = sample_with_logprobs(model, prompts, pad_id, eos_id, config, generator)
     return samples.responses, samples.ended
 
 
 @torch.no_grad()
-def sample_with_logprobs(model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig) -> Samples:
-    """Sample one response per prompt, with the log-probs of the sampled tokens (see the module doc)."""
+def sample_with_logprobs(
+    model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None = None
+) -> Samples:
+    """Sample one response per prompt, with the log-probs of the sampled tokens (see the module doc).
+
+    The random numbers come from `generator` (on any device), or from torch's default generator
+    when it is None."""
     device = next(model.parameters()).device
     ids, mask = pad(prompts, pad_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
@@ -92,14 +99,15 @@ def sample_with_logprobs(model, prompts: list[list[int]], pad_id: int, eos_id: i
     logits = decoder.prefill(ids, mask, positions)  # (B, V) next-token logits of each prompt; None: no cache filled
     log_path(model, decoder.path)
     if logits is None:
-        return generate_with_hf(model, ids, mask, pad_id, eos_id, config)
+        return generate_with_hf(model, ids, mask, pad_id, eos_id, config, generator)
     next_position = positions[:, -1] + 1
+    stream = generator.device if generator is not None else device
     responses = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, T, device=device)
     rows = torch.arange(B, device=device)  # the prompt each decoder row belongs to
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # per decoder row
     for t in range(T):
-        uniform = torch.rand(B, device=device)  # one per prompt, every step: the same stream whatever is computed
+        uniform = torch.rand(B, generator=generator, device=stream).to(device)  # one per prompt, every step: the same stream whatever is computed
         tokens, token_logprobs = draw(logits, uniform[rows], config)
         responses[rows, t] = tokens.masked_fill(finished, pad_id)
         logprobs[rows, t] = token_logprobs.masked_fill(finished, 0.0)
@@ -151,7 +159,9 @@ def restrict(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return probs
 
 
-def generate_with_hf(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, eos_id: int, config: SamplingConfig) -> Samples:
+def generate_with_hf(
+    model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None
+) -> Samples:
     """`transformers` generate, for the models the sampler's own loop cannot drive, sampling from
     `config` alone; the log-probs are those `draw` gives, from the unprocessed logits."""
     from transformers import GenerationConfig
@@ -175,8 +185,15 @@ def generate_with_hf(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, 
     # repetition penalty in a checkpoint must not make rollouts that the policy did not sample.
     base = causal_lm.base_model(model)
     own, base.generation_config = base.generation_config, settings
+    # With a generator, generate's draws come from a seed taken from it, and the default generators
+    # are put back as they were.
+    seed = None if generator is None else int(torch.randint(2**62, (), generator=generator, device=generator.device))
+    devices = range(torch.cuda.device_count()) if ids.device.type == "cuda" else []
     try:
-        output = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+        with torch.random.fork_rng(list(devices), enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
     finally:
         base.generation_config = own
     responses, ended = truncate_at_eos(output.sequences[:, ids.shape[1] :], eos_id, pad_id)

@@ -287,6 +287,18 @@ def test_no_setting_of_the_checkpoints_generation_config_reaches_sampled_rollout
     assert generate_with_own_config(model, batch, config) != expected  # the setting does change generate's tokens
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama", "no-cache"])
+def test_a_generator_gives_the_tokens_and_leaves_the_default_one_alone(name):
+    model = no_cache_gpt2() if name == "no-cache" else MODELS[name]()
+    config, batch = SETTINGS["t1"], prompts()
+    state = torch.get_rng_state()
+    first = sample(model, batch, PAD, EOS, config, torch.Generator().manual_seed(11))[0]
+    second = sample(model, batch, PAD, EOS, config, torch.Generator().manual_seed(11))[0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, sample(model, batch, PAD, EOS, config, torch.Generator().manual_seed(12))[0])
+
+
 def test_restrict_keeps_the_top_k_then_the_nucleus():
     probs = torch.tensor([[0.0625, 0.375, 0.125, 0.25, 0.1875]])  # exact in binary
     assert sampling.restrict(probs, 3, 1.0).tolist() == [[0.0, 0.375, 0.0, 0.25, 0.1875]]
