@@ -13,7 +13,6 @@ events and `samples.jsonl` (a few completions per step).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import time
@@ -26,7 +25,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from rlhf import ops, training
+from rlhf import causal_lm, ops, training
 from rlhf.config import ConfigError, to_dict
 from rlhf.data import load_prompts
 from rlhf.encoding import encode_prompts, pad
@@ -233,12 +232,7 @@ def lm_output(model, kwargs: dict, response_length: int | None, **options):
     output, (B, P, V), is the largest tensor of the pass when prompts are long)."""
     if response_length is None:
         return model(**kwargs, **options)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" in inspect.signature(base.forward).parameters:
-        return model(**kwargs, **options, logits_to_keep=response_length + 1)
-    out = model(**kwargs, **options)  # a model without `logits_to_keep`: computed, then cut
-    out.logits = out.logits[:, -(response_length + 1) :]
-    return out
+    return causal_lm.last_logits(model, kwargs, response_length + 1, **options)
 
 
 def lm_logits(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:

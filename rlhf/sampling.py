@@ -8,19 +8,21 @@ The sampler runs its own loop over a KV cache: the prompt is computed once, each
 token per unfinished sequence, finished sequences leave the batch (once they are a quarter of
 it), and temperature, top-k and top-p are applied inside the loop. A GPT-2 model (with or without
 LoRA adapters) steps through its own modules over a preallocated cache (`GPT2Decoder`), where the
-per-token cost of a general forward pass would dominate at small sizes; another causal LM whose
-forward takes `past_key_values` steps through that forward with a `DynamicCache`; anything else
-falls back to `generate`, and says so.
+per-token cost of a general forward pass would dominate at small sizes; another causal LM steps
+through its forward over a `DynamicCache` (`CacheDecoder`; `rlhf/causal_lm.py` finds how that
+forward takes a cache). A model whose forward fills no cache falls back to `generate`, set up from
+`SamplingConfig` alone (nothing of the checkpoint's generation_config), with log-probs computed from
+the logits it returns. Which path a model class takes is logged once (INFO, `rlhf.sampling`).
 
 Randomness: each step draws one uniform number per sequence of the batch (finished or not) from
-torch's default generator and takes the token at which the cumulative distribution, in token-id
-order, first exceeds it. The same seed therefore gives the same tokens whichever path computed
-the logits, up to logits that differ in the last bits (tests/test_sampling.py).
+`generator`, or torch's default generator when none is given, and takes the token at which the
+cumulative distribution, in token-id order, first exceeds it. The same seed therefore gives the
+same tokens whichever decoder computed the logits, up to logits that differ in the last bits
+(tests/test_sampling.py). `generate` draws its own way, seeded from `generator` when one is given.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rlhf import causal_lm
 from rlhf.encoding import pad
 from rlhf.models import position_ids
 from rlhf.ops import logprobs_from_logits
@@ -67,35 +70,44 @@ class Samples:
 
     responses: torch.Tensor  # (B, T) sampled ids, pad after the first EOS
     ended: torch.Tensor  # (B,) True where the response emitted EOS
-    logprobs: torch.Tensor | None  # (B, T) log-probs of the sampled tokens at the sampling temperature, 0 after EOS; None from `generate`
+    logprobs: torch.Tensor  # (B, T) log-probs of the sampled tokens at the sampling temperature, 0 after EOS
 
 
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one response per prompt; returns (responses, ended_with_eos)."""
-    samples = sample_with_logprobs(model, prompts, pad_id, eos_id, config)
+    samples = sample_with_logprobs(model, prompts, pad_id, eos_id, config, generator)
     return samples.responses, samples.ended
 
 
 @torch.no_grad()
-def sample_with_logprobs(model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None = None) -> Samples:
-    """Sample one response per prompt, with the log-probs of the sampled tokens (see the module doc)."""
+def sample_with_logprobs(
+    model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None = None
+) -> Samples:
+    """Sample one response per prompt, with the log-probs of the sampled tokens (see the module doc).
+
+    The random numbers come from `generator` (on any device), or from torch's default generator
+    when it is None."""
     device = next(model.parameters()).device
     ids, mask = pad(prompts, pad_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
     B, T = len(prompts), config.max_new_tokens
     decoder = make_decoder(model, B, ids.shape[1] + T)
-    if decoder is None:
-        return Samples(*generate_with_hf(model, ids, mask, pad_id, eos_id, config), None)
     positions = position_ids(mask)
-    logits = decoder.prefill(ids, mask, positions)  # (B, V) next-token logits of each prompt
+    logits = decoder.prefill(ids, mask, positions)  # (B, V) next-token logits of each prompt; None: no cache filled
+    log_path(model, decoder.path)
+    if logits is None:
+        return generate_with_hf(model, ids, mask, pad_id, eos_id, config, generator)
     next_position = positions[:, -1] + 1
+    stream = generator.device if generator is not None else device
     responses = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, T, device=device)
     rows = torch.arange(B, device=device)  # the prompt each decoder row belongs to
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # per decoder row
     for t in range(T):
-        uniform = torch.rand(B, device=device, generator=generator)  # one per prompt, every step: the same stream whatever is computed
+        uniform = torch.rand(B, generator=generator, device=stream).to(device)  # one per prompt, every step: the same stream whatever is computed
         tokens, token_logprobs = draw(logits, uniform[rows], config)
         responses[rows, t] = tokens.masked_fill(finished, pad_id)
         logprobs[rows, t] = token_logprobs.masked_fill(finished, 0.0)
@@ -147,12 +159,15 @@ def restrict(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return probs
 
 
-def generate_with_hf(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, eos_id: int, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """`transformers` generate, for the models the sampler's own loop cannot drive."""
+def generate_with_hf(
+    model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None
+) -> Samples:
+    """`transformers` generate, for the models the sampler's own loop cannot drive, sampling from
+    `config` alone; the log-probs are those `draw` gives, from the unprocessed logits."""
+    from transformers import GenerationConfig
+
     greedy = config.temperature == 0
-    output = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
+    settings = GenerationConfig(
         do_sample=not greedy,
         temperature=None if greedy else config.temperature,
         top_p=None if greedy else config.top_p,
@@ -160,51 +175,80 @@ def generate_with_hf(model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, 
         max_new_tokens=config.max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=eos_id,
+        use_cache=False,  # generate hands its cache to the forward as the sampler does: it would stay empty
+        output_logits=True,
+        return_dict_in_generate=True,
     )
-    return truncate_at_eos(output[:, ids.shape[1] :], eos_id, pad_id)
+    # generate fills every setting left unset in the config it is given from the model's own
+    # generation_config, and many settings are off only while unset (min_new_tokens, bad_words_ids,
+    # suppress_tokens, forced_eos_token_id, ...). So the model's is set aside for the call: a
+    # repetition penalty in a checkpoint must not make rollouts that the policy did not sample.
+    base = causal_lm.base_model(model)
+    own, base.generation_config = base.generation_config, settings
+    # With a generator, generate's draws come from a seed taken from it, and the default generators
+    # are put back as they were.
+    seed = None if generator is None else int(torch.randint(2**62, (), generator=generator, device=generator.device))
+    devices = range(torch.cuda.device_count()) if ids.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(list(devices), enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+    finally:
+        base.generation_config = own
+    responses, ended = truncate_at_eos(output.sequences[:, ids.shape[1] :], eos_id, pad_id)
+    logits = torch.stack(output.logits, 1)  # (B, T, V), before generate's temperature, top-k and top-p
+    logprobs = logprobs_from_logits(logits, responses, config.temperature or 1.0)
+    return Samples(responses, ended, logprobs.masked_fill(response_mask(responses, eos_id) == 0, 0.0))
 
 
-_fallback_logged: set[str] = set()
+_paths_logged: set[tuple[type, type]] = set()
+
+
+def log_path(model, path: str) -> None:
+    """Say, once per model class, which way its samples are computed."""
+    key = causal_lm.model_class(model)
+    if key not in _paths_logged:
+        _paths_logged.add(key)
+        base = causal_lm.base_model(model)
+        name = type(base).__name__ if base is model else f"{type(base).__name__} under {type(model).__name__}"
+        log.info("%s: %s", name, path)
 
 
 def make_decoder(model, batch: int, length: int):
-    """The fastest decoder that handles `model` (see the module doc), or None to use `generate`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the model under the adapters
-    config = getattr(base, "config", None)
-    if type(base).__name__ == "GPT2LMHeadModel" and not config.add_cross_attention:
+    """The fastest decoder for `model` (see the module doc); its `prefill` returns None where it cannot drive the model."""
+    base = causal_lm.base_model(model)
+    if type(base).__name__ == "GPT2LMHeadModel" and not base.config.add_cross_attention:
         return GPT2Decoder(base, batch, length)
-    parameters = inspect.signature(base.forward).parameters
-    if "past_key_values" in parameters and "position_ids" in parameters and not getattr(config, "is_encoder_decoder", False):
-        return CacheDecoder(model, config, last_logits_only="logits_to_keep" in parameters)
-    name = type(base).__name__
-    if name not in _fallback_logged:
-        _fallback_logged.add(name)
-        log.info("%s: its forward takes no past_key_values and position_ids; sampling with transformers' generate", name)
-    return None
+    return CacheDecoder(model)
 
 
 class CacheDecoder:
-    """Any causal LM whose forward takes `past_key_values`: that forward, one token a step, over a DynamicCache."""
+    """Any causal LM whose forward fills a DynamicCache: that forward, one token a step, over the cache."""
 
-    def __init__(self, model, config, last_logits_only: bool):
-        from transformers import DynamicCache
+    can_drop = False
+    path = ""  # which path the model takes, known after the prefill
 
-        self.model, self.cache = model, DynamicCache(config=config)
-        self.can_drop = False
-        self.prefill_options = {"logits_to_keep": 1} if last_logits_only else {}  # no language-model head over the prompt
+    def __init__(self, model):
+        self.model = model
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         self.mask = mask
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True, **self.prefill_options)
-        logits = out.logits
+        filled = causal_lm.prefill(self.model, dict(input_ids=ids, attention_mask=mask, position_ids=positions))
+        if filled is None:
+            self.path = "falling back to transformers' generate because its forward fills no DynamicCache passed as " + " or ".join(
+                repr(name) for name in causal_lm.CACHE_KEYWORDS
+            )
+            return None
+        logits, self.cache = filled
+        self.path = f"sampling with the KV-cache decoder (cache keyword {causal_lm.cache_keyword(self.model)!r})"
         # Rows can leave the batch where every cache layer knows how to drop them.
         self.can_drop = all(hasattr(layer, "batch_select_indices") for layer in getattr(self.cache, "layers", [None]))
-        return logits[:, -1]
+        return logits
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], 1)
-        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions[:, None], past_key_values=self.cache, use_cache=True)
-        return out.logits[:, -1]
+        return causal_lm.extend(self.model, self.cache, dict(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions[:, None]))
 
     def keep(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
@@ -222,6 +266,7 @@ class GPT2Decoder:
     """
 
     can_drop = True
+    path = "sampling with the GPT-2 decoder"
 
     def __init__(self, model, batch: int, length: int):
         from transformers.activations import NewGELUActivation

@@ -1,4 +1,5 @@
-"""The sampler: the tokens of a plain sampler for the same seed, log-probs of a teacher-forced pass.
+"""The sampler: the tokens of a plain sampler for the same seed, log-probs of a teacher-forced pass,
+on every architecture the project supports, each through the sampler's own loop.
 
 The plain sampler below feeds the whole sequence through the model at every step (no cache,
 every row computed to the end) and draws each token in Python from the same uniform numbers:
@@ -8,12 +9,14 @@ the first token, in id order, whose cumulative probability exceeds the uniform n
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+import transformers
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from rlhf import sampling
+from rlhf import causal_lm, sampling
 from rlhf.encoding import pad
 from rlhf.models import LoraConfig, add_lora, position_ids
 from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample, sample_with_logprobs
@@ -71,13 +74,14 @@ def plain_sample(model, prompts: list[list[int]], config: SamplingConfig) -> lis
 
 
 def gpt2(vocab: int = VOCAB):
+    """GPT-2: the sampler's own decoder of its modules."""
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)
     return GPT2LMHeadModel(config).eval()
 
 
-def gpt2_with_lora(vocab: int = VOCAB):
-    model = add_lora(gpt2(vocab), LoraConfig(enabled=True, r=4), "CAUSAL_LM")
+def with_lora(model):
+    model = add_lora(model, LoraConfig(enabled=True, r=4), "CAUSAL_LM")
     torch.manual_seed(1)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; make the adapters change the outputs
@@ -85,17 +89,36 @@ def gpt2_with_lora(vocab: int = VOCAB):
     return model.eval()
 
 
-def llama(vocab: int = VOCAB):
-    """Another architecture (rotary positions, grouped-query attention): the DynamicCache path."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64, bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny(name: str, **settings):
+    """A builder of a random 2-layer `name` model (a transformers class prefix) with the test's ids."""
+    config_class, model_class = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+
+    def build(vocab: int = VOCAB):
+        torch.manual_seed(0)
+        config = config_class(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+            bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD, **settings,
+        )
+        return model_class(config).eval()
+
+    return build
 
 
-MODELS = {"gpt2": gpt2, "gpt2+lora": gpt2_with_lora, "llama": llama}
+LLAMA_LIKE = dict(intermediate_size=64, num_key_value_heads=2)  # grouped-query attention
+llama = tiny("Llama", **LLAMA_LIKE)
+MODELS = {
+    "gpt2": gpt2,
+    "gpt2+lora": lambda vocab=VOCAB: with_lora(gpt2(vocab)),
+    "llama": llama,
+    "llama+lora": lambda vocab=VOCAB: with_lora(llama(vocab)),
+    "qwen2": tiny("Qwen2", **LLAMA_LIKE),
+    "qwen3": tiny("Qwen3", **LLAMA_LIKE, head_dim=8),  # norms on queries and keys
+    "mistral": tiny("Mistral", **LLAMA_LIKE, sliding_window=8),  # responses run past the window
+    "gemma2": tiny("Gemma2", **LLAMA_LIKE, head_dim=8, sliding_window=8),  # softcapping, sliding and full layers
+    "gpt-neox": tiny("GPTNeoX", intermediate_size=64),  # rotary on a quarter of each head, parallel residual
+    "opt": tiny("OPT", ffn_dim=64, word_embed_proj_dim=32),  # learned positions
+    "phi3": tiny("Phi3", **LLAMA_LIKE),  # fused qkv and gate-up projections
+}
 SETTINGS = {
     "t1": SamplingConfig(temperature=1.0, max_new_tokens=20),
     "t0.7-topk": SamplingConfig(temperature=0.7, top_k=6, max_new_tokens=20),
@@ -150,23 +173,130 @@ def test_the_contract_of_sample_holds():
         assert responses.shape[1] == int(response_mask(responses, EOS).sum(-1).max())
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_every_supported_architecture_takes_a_fast_path(name, caplog, monkeypatch):
+    # The test that fails on a transformers release that changes how a forward takes a cache or
+    # keeps logits: then a model falls back to generate, or passes an argument the release renamed.
+    model = MODELS[name]()
+    for found in ("_cache_keyword", "_keeps_logits"):  # found once per model class: find them again here
+        monkeypatch.setattr(causal_lm, found, {})
+    monkeypatch.setattr(sampling, "_paths_logged", set())
+    with caplog.at_level(logging.INFO, logger="rlhf.sampling"), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # how transformers says that an argument was renamed
+        sample(model, prompts(), PAD, EOS, SamplingConfig(max_new_tokens=4))
+    decoder = "GPT-2 decoder" if name.startswith("gpt2") else f"KV-cache decoder (cache keyword {causal_lm.CACHE_KEYWORDS[0]!r})"
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert message.startswith(type(causal_lm.base_model(model)).__name__) and message.endswith(f": sampling with the {decoder}")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_language_model_head_runs_on_the_kept_positions_alone(name, monkeypatch):
+    model = MODELS[name]()
+    monkeypatch.setattr(causal_lm, "_keeps_logits", {})
+    ids, mask = pad(prompts(), PAD, side="left")
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+    widths = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
+    with torch.no_grad():
+        full = model(**inputs).logits
+        kept = causal_lm.last_logits(model, inputs, 3).logits
+    assert widths == [ids.shape[1], 3]
+    torch.testing.assert_close(kept, full[:, -3:])
+
+
 class NoCacheForward(GPT2LMHeadModel):
-    """A causal LM whose forward does not take past_key_values by name: the sampler cannot drive it."""
+    """A causal LM whose forward ignores any cache it is given: the sampler cannot drive it."""
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
 
 
-def test_a_model_the_sampler_cannot_drive_falls_back_to_generate(caplog):
-    model = NoCacheForward(gpt2().config).eval()
+def no_cache_gpt2(vocab: int = VOCAB, **generation_settings):
+    """GPT-2 behind NoCacheForward, with `generation_settings` in the checkpoint's generation_config."""
+    model = NoCacheForward(gpt2(vocab).config).eval()
+    model.generation_config = GenerationConfig(**generation_settings)
+    return model
+
+
+def test_a_model_the_sampler_cannot_drive_falls_back_to_generate(caplog, monkeypatch):
+    model, batch = no_cache_gpt2(), prompts(16)
+    monkeypatch.setattr(sampling, "_paths_logged", set())
+    config = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=24)
+    torch.manual_seed(0)
     with caplog.at_level(logging.INFO, logger="rlhf.sampling"):
-        samples = sample_with_logprobs(model, prompts(), PAD, EOS, SamplingConfig(temperature=1.0, max_new_tokens=12))
-    assert "NoCacheForward" in caplog.text and "generate" in caplog.text
-    assert samples.logprobs is None
+        samples = sample_with_logprobs(model, batch, PAD, EOS, config)
+    assert "NoCacheForward: falling back to transformers' generate" in caplog.text
     for row, did_end in zip(samples.responses.tolist(), samples.ended.tolist()):
         assert did_end == (EOS in row)
         if did_end:
             assert all(t == PAD for t in row[row.index(EOS) + 1 :])
+    query, query_mask = pad(batch, PAD, side="left")
+    mask = response_mask(samples.responses, EOS)
+    forced = response_logprobs(model, query, query_mask, samples.responses, mask, config.temperature)
+    torch.testing.assert_close(samples.logprobs * mask, forced * mask, atol=LOGPROB_TOLERANCE, rtol=0)
+    assert (mask == 0).any() and (samples.logprobs[mask == 0] == 0).all()  # some responses ended early
+
+
+def generate_with_own_config(model, batch: list[list[int]], config: SamplingConfig) -> list[list[int]]:
+    """What `model.generate` samples with the checkpoint's generation_config under the test's settings."""
+    ids, mask = pad(batch, PAD, side="left")
+    sampled = config.temperature > 0
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens, pad_token_id=PAD, eos_token_id=EOS, use_cache=False,
+        do_sample=sampled, **(dict(temperature=config.temperature, top_k=0, top_p=1.0) if sampled else {}),
+    )
+    return sampling.truncate_at_eos(out[:, ids.shape[1] :], EOS, PAD)[0].tolist()
+
+
+def test_the_checkpoints_generation_config_does_not_reach_greedy_rollouts():
+    settings = dict(repetition_penalty=10.0, no_repeat_ngram_size=2, min_new_tokens=5)
+    model, batch, greedy = no_cache_gpt2(**settings), prompts(), SETTINGS["greedy"]
+    expected = plain_sample(model, batch, greedy)
+    assert sample(model, batch, PAD, EOS, greedy)[0].tolist() == expected
+    assert generate_with_own_config(model, batch, greedy) != expected  # the settings do change generate's tokens
+
+
+# Settings a checkpoint's generation_config may carry that generate would apply to rollouts when
+# the config it is given leaves them unset; several are off only while unset (None).
+CHECKPOINT_SETTINGS = {
+    "repetition_penalty": 10.0,
+    "no_repeat_ngram_size": 2,
+    "min_new_tokens": 5,
+    "bad_words_ids": [[5]],
+    "suppress_tokens": [5, 7],
+    "begin_suppress_tokens": [5, 7, 9],
+    "sequence_bias": [[[5], -100.0]],
+    "forced_eos_token_id": EOS,
+    "exponential_decay_length_penalty": (2, 2.0),
+    "typical_p": 0.5,
+    "epsilon_cutoff": 0.1,
+    "num_beams": 2,
+    "max_time": 0.0,
+}
+
+
+@pytest.mark.parametrize("setting", CHECKPOINT_SETTINGS)
+def test_no_setting_of_the_checkpoints_generation_config_reaches_sampled_rollouts(setting):
+    config, batch = SETTINGS["t1"], prompts()
+    clean, model = no_cache_gpt2(), no_cache_gpt2(**{setting: CHECKPOINT_SETTINGS[setting]})
+    torch.manual_seed(0)
+    expected = sample(clean, batch, PAD, EOS, config)[0].tolist()
+    torch.manual_seed(0)
+    assert sample(model, batch, PAD, EOS, config)[0].tolist() == expected
+    torch.manual_seed(0)
+    assert generate_with_own_config(model, batch, config) != expected  # the setting does change generate's tokens
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "no-cache"])
+def test_a_generator_gives_the_tokens_and_leaves_the_default_one_alone(name):
+    model = no_cache_gpt2() if name == "no-cache" else MODELS[name]()
+    config, batch = SETTINGS["t1"], prompts()
+    state = torch.get_rng_state()
+    first = sample(model, batch, PAD, EOS, config, torch.Generator().manual_seed(11))[0]
+    second = sample(model, batch, PAD, EOS, config, torch.Generator().manual_seed(11))[0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, sample(model, batch, PAD, EOS, config, torch.Generator().manual_seed(12))[0])
 
 
 def test_restrict_keeps_the_top_k_then_the_nucleus():
