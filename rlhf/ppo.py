@@ -311,7 +311,7 @@ def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, dev
     query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
     responses = samples.responses.to(device)
     batch = Rollout(query.to(device), query_mask.to(device), responses, response_mask(responses, tokenizer.eos_token_id), samples.ended.to(device))
-    if samples.logprobs is not None and not bf16:
+    if not bf16:
         batch.logprobs = samples.logprobs.to(device)
     return batch
 
