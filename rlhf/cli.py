@@ -39,10 +39,7 @@ def _recipe_class():
 
 
 def _section_help(section: str) -> str:
-    import typing
-
-    hints = typing.get_type_hints(_recipe_class())
-    rows = describe(hints[section], prefix=f"{section}.")
+    rows = describe(getattr(_recipe_class()(), section), prefix=f"{section}.")
     width = max(len(key) for key, _, _ in rows)
     lines = [f"  {key:<{width}}  {doc} (default {default})" for key, default, doc in rows]
     return "keys (set in the recipe or as section.key=value):\n" + "\n".join(lines)

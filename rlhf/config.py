@@ -53,8 +53,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp`, converting where YAML is loose (int -> float)."""
+def _coerce(value: Any, tp: Any, where: str, default: Any = None) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (int -> float).
+
+    A mapping for a nested dataclass is applied on top of `default`, the value the field has
+    without it, so that the keys it does not name keep that value."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -63,7 +66,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, default if isinstance(default, tp) else None)
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None and type(None) in options:
@@ -73,7 +76,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _coerce(value, option, where)
+                return _coerce(value, option, where, default)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {_type_name(tp)}")
@@ -114,17 +117,31 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
 
 
-def from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass `cls` from a mapping; unknown keys and wrong types are errors."""
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def from_dict(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types are errors.
+
+    Fields the mapping does not name keep their value in `base`, or without one their default.
+    A nested section starts from its parent's default for it, not from its own class's
+    defaults: `SFTConfig.optim` defaults to `OptimConfig(lr=3e-4, epochs=2)`, and setting
+    `optim.lr` leaves `epochs` at 2."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         name = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(f"unknown key '{name}' (known keys{' of ' + where if where else ''}: {', '.join(fields)})")
-    kwargs = {}
+    kwargs = {name: getattr(base, name) for name in fields} if base is not None else {}
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+        default = getattr(base, name) if base is not None else _field_default(fields[name])
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name, default)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field without a value
@@ -188,31 +205,32 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_recipe(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
-    """Read a recipe YAML (or start empty), apply `a.b=c` overrides and build `cls`."""
-    data = read_yaml(path) if path else {}
-    for override in overrides:
-        apply_override(data, override)
+    """Read a recipe YAML (or start empty) into `cls`, then apply `a.b=c` overrides one by one
+    on top of it; an error in the file names the file."""
     try:
-        return from_dict(cls, data)
+        recipe = from_dict(cls, read_yaml(path) if path else {})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    for override in overrides:
+        data: dict = {}
+        apply_override(data, override)
+        recipe = from_dict(cls, data, base=recipe)
+    return recipe
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every leaf field of a config dataclass, for `--help`."""
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
+def describe(config: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field of a config, for `--help`.
+
+    `config` is a config instance, or a dataclass whose defaults are wanted; nested sections
+    are read from the instance, so a stage's own defaults for them are the ones shown."""
+    if isinstance(config, type):
+        config = config()
+    docs = field_docs(type(config))
     rows = []
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows.extend(describe(hints[f.name], key + "."))
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
+    for f in dataclasses.fields(config):
+        key, value = f"{prefix}{f.name}", getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe(value, key + "."))
         else:
-            default = "(required)"
-        rows.append((key, repr(default), docs.get(f.name, "")))
+            rows.append((key, repr(value), docs.get(f.name, "")))
     return rows

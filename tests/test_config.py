@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -21,6 +23,62 @@ def test_yaml_and_overrides(tmp_path):
     assert recipe.sft.lora.enabled is True
     assert recipe.sft.data.train == ["a.jsonl", "b.jsonl"]
     assert recipe.reward.optim.lr == 5e-5  # untouched sections keep their defaults
+
+
+def test_setting_one_key_keeps_the_stage_defaults_of_the_others():
+    recipe = load_recipe(Recipe, None, ["sft.optim.lr=1e-4"])
+    assert dataclasses.asdict(recipe.sft.optim) == {
+        "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 0, "schedule": "cosine", "grad_clip": 1.0,
+        "batch_size": 32, "micro_batch_size": 32, "epochs": 2, "max_steps": 0,
+    }
+    recipe = load_recipe(Recipe, None, ["reward.data.train=[a.jsonl]"])
+    assert dataclasses.asdict(recipe.reward.data) == {
+        "train": ["a.jsonl"], "eval": [], "eval_fraction": 0.1, "max_length": 512, "skip_invalid": False,
+    }
+
+
+def test_a_section_in_the_file_keeps_the_stage_defaults_and_overrides_keep_the_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("reward:\n  optim:\n    epochs: 3\n")
+    recipe = load_recipe(Recipe, path, ["reward.optim.lr=1e-3", "reward.optim={warmup_steps: 4}"])
+    optim = recipe.reward.optim
+    assert (optim.lr, optim.epochs, optim.warmup_steps, optim.batch_size, optim.micro_batch_size) == (1e-3, 3, 4, 32, 16)
+
+
+@dataclass
+class Leaf:
+    x: int = 0
+    y: int = 0
+
+
+@dataclass
+class Middle:
+    leaf: Leaf = field(default_factory=Leaf)
+    z: int = 0
+
+
+@dataclass
+class Top:
+    middle: Middle = field(default_factory=lambda: Middle(Leaf(x=1, y=2), z=3))
+
+
+def test_defaults_survive_at_any_depth():
+    assert load_recipe(Top, None, ["middle.leaf.x=7"]) == Top(Middle(Leaf(x=7, y=2), z=3))
+    assert load_recipe(Top, None, ["middle.z=0"]) == Top(Middle(Leaf(x=1, y=2), z=0))
+
+
+def help_lines(stage: str) -> dict[str, str]:
+    """The key lines of `rlhf STAGE --help`, by key."""
+    result = subprocess.run([sys.executable, "-m", "rlhf", stage, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(f"  {stage}.")}
+
+
+def test_help_shows_the_defaults_the_stage_uses():
+    sft = help_lines("sft")
+    assert "(default 0.0003" in sft["sft.optim.lr"]
+    assert "(default 2" in sft["sft.optim.epochs"]
+    assert "(default 0.1" in help_lines("reward")["reward.data.eval_fraction"]
 
 
 @pytest.mark.parametrize(
