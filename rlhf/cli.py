@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 
-from rlhf.config import ConfigError, describe, load_recipe
+from rlhf.config import ConfigError, PositiveInt, bounds, describe, load_recipe
 from rlhf.data import DataError
 
 STAGE_HELP = {
@@ -40,9 +40,27 @@ def _recipe_class():
 
 def _section_help(section: str) -> str:
     rows = describe(getattr(_recipe_class()(), section), prefix=f"{section}.")
-    width = max(len(key) for key, _, _ in rows)
-    lines = [f"  {key:<{width}}  {doc} (default {default})" for key, default, doc in rows]
+    width = max(len(key) for key, *_ in rows)
+    lines = [f"  {key:<{width}}  {doc} (default {default}{', must be ' + allowed if allowed else ''})" for key, default, allowed, doc in rows]
     return "keys (set in the recipe or as section.key=value):\n" + "\n".join(lines)
+
+
+def _option_type(tp):
+    """An argparse `type` for a field's annotation: it reads the value and checks its Range, so
+    that `--num 0` is refused as a recipe's `num: 0` would be."""
+    limits = bounds(tp)
+    kind = tp.__origin__ if limits else tp
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if limits and (problem := limits.violation(value)):
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def _add_stage(subparsers, name: str) -> None:
@@ -56,20 +74,25 @@ def _add_stage(subparsers, name: str) -> None:
 def _add_bench(subparsers) -> None:
     """`rlhf bench`: one option per BenchConfig field, its help the field's docstring."""
     import dataclasses
+    import typing
 
     from rlhf.bench import CHOICES, BenchConfig
     from rlhf.config import field_docs
 
     bench = subparsers.add_parser("bench", help="time each stage and phase on locally built models; peak memory per mode")
-    docs = field_docs(BenchConfig)
+    docs, hints = field_docs(BenchConfig), typing.get_type_hints(BenchConfig, include_extras=True)
     for f in dataclasses.fields(BenchConfig):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kwargs = {"nargs": "+"} if isinstance(default, list) else {"type": type(default)}
+        kwargs = {"nargs": "+"} if isinstance(default, list) else {"type": _option_type(hints[f.name])}
         bench.add_argument(f"--{f.name.replace('_', '-')}", default=default, choices=CHOICES.get(f.name), help=f"{docs[f.name]} (default {default})", **kwargs)
     bench.add_argument("--json", help="also write the results to this file")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import typing
+
+    from rlhf.sampling import SamplingConfig
+
     parser = argparse.ArgumentParser(prog="rlhf", description="The RLHF loop on one machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -87,11 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", required=True, help="model directory or hub id")
     generate.add_argument("--prompts", required=True, nargs="+", help="prompt files ({prompt} records)")
     generate.add_argument("--out", required=True, help="candidates JSONL to write")
-    generate.add_argument("--num", type=int, default=4, help="completions per prompt")
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    sampling = typing.get_type_hints(SamplingConfig, include_extras=True)
+    generate.add_argument("--num", type=_option_type(PositiveInt), default=4, help="completions per prompt")
+    generate.add_argument("--temperature", type=_option_type(sampling["temperature"]), default=1.0)
+    generate.add_argument("--top-p", type=_option_type(sampling["top_p"]), default=1.0)
+    generate.add_argument("--top-k", type=_option_type(sampling["top_k"]), default=0)
+    generate.add_argument("--max-new-tokens", type=_option_type(sampling["max_new_tokens"]), default=64)
     generate.add_argument("--seed", type=int, default=0)
 
     from rlhf.label.cli import add_label_parser

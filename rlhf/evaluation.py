@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, NonNegativeInt, PositiveInt
 from rlhf.data import load_prompts
 from rlhf.encoding import encode_prompt, pad
 from rlhf.models import context_length, load_causal_lm, load_tokenizer
@@ -38,7 +38,7 @@ class EvalConfig:
     """Policies to evaluate against the reference (e.g. the PPO model)."""
     prompts: list[str] = field(default_factory=list)
     """Held-out prompt files."""
-    num_prompts: int = 0
+    num_prompts: NonNegativeInt = 0
     """Evaluate on this many prompts (0: all)."""
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     oracle: str = ""
@@ -48,7 +48,7 @@ class EvalConfig:
     """PPO run directories whose metrics.jsonl are plotted against steps."""
     output_dir: str = "runs/eval"
     """Where report.md, results.json, samples.jsonl and the plots go."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Prompts per sampling batch."""
     seed: int = 0
     """Seed for prompt choice and sampling."""

@@ -15,12 +15,12 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, PositiveInt, Range
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,11 @@ PAD_TOKEN = "<|pad|>"
 class LoraConfig:
     enabled: bool = False
     """Train low-rank adapters (peft) instead of all weights."""
-    r: int = 16
+    r: PositiveInt = 16
     """Adapter rank."""
-    alpha: int = 32
+    alpha: PositiveInt = 32
     """Adapter scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Dropout on the adapter input (kept 0 for RL: checklist item 6)."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt; ["all-linear"] adapts every linear layer but the output head."""

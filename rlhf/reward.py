@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf import ops, training
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, PositiveInt
 from rlhf.data import Comparison, DataError, Rating, load_feedback, load_prompts
 from rlhf.encoding import encode_completion, encode_prompt, pad
 from rlhf.models import LoraConfig, context_length, dropout_off, load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
@@ -43,7 +43,7 @@ class NormalizeConfig:
     """Model whose samples are the reference completions; empty: the completions of the training data."""
     prompts: list[str] = field(default_factory=list)
     """Prompt files to sample reference completions from (with `policy`)."""
-    num_samples: int = 256
+    num_samples: PositiveInt = 256
     """Reference completions to score."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     scale: bool = False
@@ -66,11 +66,11 @@ class RewardConfig:
     """Train without dropout, as TRL's and OpenRLHF's reward trainers do: scores stay deterministic."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them (less memory, about a third more compute)."""
-    eval_every: int = 100
+    eval_every: PositiveInt = 100
     """Steps between held-out evaluations."""
-    save_every: int = 200
+    save_every: PositiveInt = 200
     """Steps between checkpoints."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Steps between metric lines."""
     resume: bool = False
     """Continue from the latest checkpoint in output_dir."""

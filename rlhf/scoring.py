@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, PositiveInt
 from rlhf.data import DataError, load_demonstrations, write_jsonl
 from rlhf.encoding import pad
 from rlhf.models import context_length, load_sequence_classifier, load_tokenizer
@@ -39,7 +39,7 @@ class RewardSourceConfig:
     """Model directory or hub id; for a function, `module:function`."""
     label: str = ""
     """Classifier only: the label (name or index) whose logit is the reward, e.g. "not toxic"."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Sequences per forward pass."""
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, PositiveInt
 from rlhf.data import load_demonstrations
 from rlhf.encoding import FALLBACK_CHAT_TEMPLATE, IGNORE, encode_demonstration, pad
 from rlhf.models import LoraConfig, context_length, load_causal_lm, load_tokenizer, save_model
@@ -37,11 +37,11 @@ class SFTConfig:
     """fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where the hardware runs it fast."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them (less memory, about a third more compute)."""
-    eval_every: int = 100
+    eval_every: PositiveInt = 100
     """Steps between eval-loss measurements."""
-    save_every: int = 200
+    save_every: PositiveInt = 200
     """Steps between checkpoints."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Steps between metric lines."""
     resume: bool = False
     """Continue from the latest checkpoint in output_dir."""

@@ -76,7 +76,7 @@ def help_lines(stage: str) -> dict[str, str]:
 
 def test_help_shows_the_defaults_the_stage_uses():
     sft = help_lines("sft")
-    assert "(default 0.0003" in sft["sft.optim.lr"]
+    assert "(default 0.0003, must be > 0)" in sft["sft.optim.lr"]
     assert "(default 2" in sft["sft.optim.epochs"]
     assert "(default 0.1" in help_lines("reward")["reward.data.eval_fraction"]
 
@@ -98,6 +98,75 @@ def test_bad_keys_and_values_are_errors(override, message):
         load_recipe(Recipe, None, [override])
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("sft.optim.lr=-0.001", "sft.optim.lr: must be > 0, got -0.001"),
+        ("sft.optim.lr=0", "sft.optim.lr: must be > 0, got 0.0"),
+        ("sft.optim.epochs=0", "sft.optim.epochs: must be >= 1, got 0"),
+        ("sft.optim.batch_size=0", "sft.optim.batch_size: must be >= 1, got 0"),
+        ("sft.optim.micro_batch_size=0", "sft.optim.micro_batch_size: must be >= 1, got 0"),
+        ("sft.optim.warmup_steps=-1", "sft.optim.warmup_steps: must be >= 0, got -1"),
+        ("sft.optim.grad_clip=-1", "sft.optim.grad_clip: must be >= 0, got -1.0"),
+        ("sft.save_every=0", "sft.save_every: must be >= 1, got 0"),
+        ("sft.eval_every=0", "sft.eval_every: must be >= 1, got 0"),
+        ("sft.log_every=0", "sft.log_every: must be >= 1, got 0"),
+        ("sft.lora.r=0", "sft.lora.r: must be >= 1, got 0"),
+        ("sft.lora.alpha=0", "sft.lora.alpha: must be >= 1, got 0"),
+        ("sft.data.max_length=0", "sft.data.max_length: must be >= 1, got 0"),
+        ("reward.data.eval_fraction=0", r"reward.data.eval_fraction: must be in \(0, 1\), got 0.0"),
+        ("reward.data.eval_fraction=1", r"reward.data.eval_fraction: must be in \(0, 1\), got 1.0"),
+        ("reward.optim.micro_batch_size=0", "reward.optim.micro_batch_size: must be >= 1, got 0"),
+        ("reward.normalize.num_samples=0", "reward.normalize.num_samples: must be >= 1, got 0"),
+        ("reward.normalize.sampling.temperature=-1", "reward.normalize.sampling.temperature: must be >= 0, got -1.0"),
+        ("ppo.generation.temperature=-0.5", "ppo.generation.temperature: must be >= 0, got -0.5"),
+        ("ppo.generation.top_p=0", r"ppo.generation.top_p: must be in \(0, 1\], got 0.0"),
+        ("ppo.generation.top_p=1.5", r"ppo.generation.top_p: must be in \(0, 1\], got 1.5"),
+        ("ppo.generation.top_k=-1", "ppo.generation.top_k: must be >= 0, got -1"),
+        ("ppo.generation.max_new_tokens=0", "ppo.generation.max_new_tokens: must be >= 1, got 0"),
+        ("ppo.kl.beta=-0.5", "ppo.kl.beta: must be >= 0, got -0.5"),
+        ("ppo.kl.target=0", "ppo.kl.target: must be > 0, got 0.0"),
+        ("ppo.kl.horizon=0", "ppo.kl.horizon: must be >= 1, got 0"),
+        ("ppo.algo.clip=0", "ppo.algo.clip: must be > 0, got 0.0"),
+        ("ppo.algo.value_clip=-0.2", "ppo.algo.value_clip: must be > 0, got -0.2"),
+        ("ppo.algo.gamma=1.1", r"ppo.algo.gamma: must be in \[0, 1\], got 1.1"),
+        ("ppo.algo.lam=-0.1", r"ppo.algo.lam: must be in \[0, 1\], got -0.1"),
+        ("ppo.algo.epochs=0", "ppo.algo.epochs: must be >= 1, got 0"),
+        ("ppo.algo.minibatch_size=0", "ppo.algo.minibatch_size: must be >= 1, got 0"),
+        ("ppo.optim.lr=-1e-5", "ppo.optim.lr: must be > 0, got -1e-05"),
+        ("ppo.reward.batch_size=0", "ppo.reward.batch_size: must be >= 1, got 0"),
+        ("ppo.stop.max_steps=0", "ppo.stop.max_steps: must be >= 1, got 0"),
+        ("ppo.stop.window=0", "ppo.stop.window: must be >= 1, got 0"),
+        ("ppo.stop.kl_budget=0", "ppo.stop.kl_budget: must be > 0, got 0.0"),
+        ("eval.batch_size=0", "eval.batch_size: must be >= 1, got 0"),
+        ("eval.generation.top_p=0", r"eval.generation.top_p: must be in \(0, 1\], got 0.0"),
+    ],
+)
+def test_values_out_of_range_name_the_key_and_the_range(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        load_recipe(Recipe, None, [override])
+
+
+def test_a_value_out_of_range_in_the_file_names_the_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("ppo:\n  kl: {beta: -1}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: ppo.kl.beta: must be >= 0, got -1.0$"):
+        load_recipe(Recipe, path)
+
+
+def test_greedy_and_unset_values_at_the_edge_of_a_range_are_kept():
+    recipe = load_recipe(Recipe, None, ["ppo.generation.temperature=0", "ppo.generation.top_p=1", "ppo.kl.beta=0", "ppo.stop.kl_budget=null"])
+    assert (recipe.ppo.generation.temperature, recipe.ppo.generation.top_p, recipe.ppo.kl.beta, recipe.ppo.stop.kl_budget) == (0.0, 1.0, 0.0, None)
+
+
+def test_a_config_built_in_python_is_checked_too():
+    from rlhf.config import check_ranges
+    from rlhf.training import OptimConfig
+
+    with pytest.raises(ConfigError, match=r"^sft.optim.lr: must be > 0, got -1$"):
+        check_ranges(SFTConfig(optim=OptimConfig(lr=-1)), "sft")
+
+
 def test_unknown_key_in_the_file_names_the_file(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("sft:\n  modle: base\n")
@@ -106,10 +175,10 @@ def test_unknown_key_in_the_file_names_the_file(tmp_path):
 
 
 def test_help_comes_from_field_docstrings():
-    rows = {key: (default, doc) for key, default, doc in describe(SFTConfig, "sft.")}
-    assert rows["sft.optim.lr"][1] == "Peak learning rate (AdamW)."
-    assert rows["sft.lora.r"] == ("16", "Adapter rank.")
-    assert all(doc for _, doc in rows.values()), [k for k, (_, d) in rows.items() if not d]
+    rows = {key: (default, allowed, doc) for key, default, allowed, doc in describe(SFTConfig, "sft.")}
+    assert rows["sft.optim.lr"] == ("0.0003", "> 0", "Peak learning rate (AdamW).")
+    assert rows["sft.lora.r"] == ("16", ">= 1", "Adapter rank.")
+    assert all(doc for *_, doc in rows.values()), [k for k, (*_, d) in rows.items() if not d]
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
