@@ -169,15 +169,23 @@ def run(args: argparse.Namespace) -> None:
         report = pipeline.run(load_recipe(_recipe_class(), args.recipe, args.overrides))
         print(f"\nreport: {report}")
     elif args.command == "score":
-        from rlhf.scoring import RewardSourceConfig, load_reward_source, score_file
+        from rlhf.models import check_model_path
+        from rlhf.scoring import RewardSourceConfig, load_function, load_reward_source, score_file
 
+        if args.kind == "function":
+            load_function(args.reward, "--reward")
+        else:
+            check_model_path("--reward", args.reward)
         source = load_reward_source(RewardSourceConfig(kind=args.kind, path=args.reward, label=args.label))
         scores = score_file(source, args.input, args.out)
         print(f"scored {len(scores)} records, mean {sum(scores) / len(scores):.4f}: {args.out}")
     elif args.command == "generate":
         from rlhf.generate import generate
+        from rlhf.models import check_generation_room, check_model_path
         from rlhf.sampling import SamplingConfig
 
+        check_model_path("--model", args.model)
+        check_generation_room("--max-new-tokens", args.model, args.max_new_tokens)
         sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
         n = generate(args.model, args.prompts, args.out, args.num, sampling, args.seed)
         print(f"wrote {args.num} candidates for each of {n} prompts to {args.out}")

@@ -27,11 +27,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from rlhf import ops, training
-from rlhf.config import ConfigError, NonNegative, NonNegativeInt, Positive, PositiveInt, UnitInterval, to_dict
+from rlhf.config import ConfigError, NonNegative, NonNegativeInt, Positive, PositiveInt, UnitInterval, check_ranges, to_dict
 from rlhf.data import load_prompts
 from rlhf.encoding import encode_prompt, pad
 from rlhf.models import (
     LoraConfig,
+    check_generation_room,
+    check_model_path,
     context_length,
     dropout_off,
     load_causal_lm,
@@ -42,7 +44,7 @@ from rlhf.models import (
     score_head,
 )
 from rlhf.sampling import SamplingConfig, response_mask, sample_with_logprobs
-from rlhf.scoring import RewardSourceConfig, load_reward_source
+from rlhf.scoring import RewardSourceConfig, check_reward_source, load_reward_source
 from rlhf.tracking import Tracker
 from rlhf.training import Precision
 
@@ -490,17 +492,29 @@ def should_stop(config: StopConfig, step: int, window: deque, kl: float) -> str 
 
 
 def validate(config: PPOConfig, num_processes: int) -> None:
-    """Derived sizes computed and checked once, with a clear error when they do not divide."""
-    algo = config.algo
+    """What can be checked before loading prompts or a model: ranges, derived sizes (checked
+    once, with a clear error when they do not divide), the models' paths, the reward source,
+    and room for a prompt beside `max_new_tokens` in the policy's context."""
+    algo, world = config.algo, num_processes
+    check_ranges(config, "ppo")
     if not config.policy:
         raise ConfigError("ppo.policy is required: the SFT model to start from")
     if not config.prompts.train:
         raise ConfigError("ppo.prompts.train is required: one or more prompt files")
-    world = num_processes
-    if algo.batch_size % world or algo.minibatch_size % world or (algo.batch_size // world) % (algo.minibatch_size // world):
-        raise ConfigError(f"ppo.algo.batch_size={algo.batch_size} must split over {world} process(es) into minibatches of {algo.minibatch_size}")
+    if algo.batch_size % algo.minibatch_size:
+        raise ConfigError(f"ppo.algo.minibatch_size: must divide ppo.algo.batch_size={algo.batch_size}, got {algo.minibatch_size}")
+    if algo.minibatch_size % world:
+        raise ConfigError(f"ppo.algo.minibatch_size: must be a multiple of the {world} processes, got {algo.minibatch_size}")
     if (algo.minibatch_size // world) % algo.micro_batch_size:
-        raise ConfigError(f"ppo.algo.minibatch_size={algo.minibatch_size} over {world} process(es) must be a multiple of micro_batch_size={algo.micro_batch_size}")
+        raise ConfigError(
+            f"ppo.algo.micro_batch_size: must divide the {algo.minibatch_size // world} rollouts per process of a minibatch "
+            f"(ppo.algo.minibatch_size={algo.minibatch_size} over {world} process(es)), got {algo.micro_batch_size}"
+        )
+    check_model_path("ppo.policy", config.policy)
+    check_generation_room("ppo.generation.max_new_tokens", config.policy, config.generation.max_new_tokens)
+    if config.value.model:
+        check_model_path("ppo.value.model", config.value.model)
+    check_reward_source(config.reward, "ppo.reward")
 
 
 def train(config: PPOConfig) -> Path:

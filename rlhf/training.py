@@ -106,15 +106,20 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def micro_batches_per_step(optim: OptimConfig, num_processes: int) -> int:
-    """Gradient-accumulation steps: batch_size = micro_batch_size x processes x this; checked once."""
+def micro_batches_per_step(optim: OptimConfig, num_processes: int, key: str) -> int:
+    """Gradient-accumulation steps: batch_size = micro_batch_size x processes x this; checked
+    once. `key` is the section's name in errors (`sft.optim`). A micro-batch larger than a
+    process's share of the batch is that share."""
     per_process, rest = divmod(optim.batch_size, num_processes)
-    if rest or per_process % min(optim.micro_batch_size, per_process):
+    if rest:
+        raise ConfigError(f"{key}.batch_size: must be a multiple of the {num_processes} processes, got {optim.batch_size}")
+    micro = min(optim.micro_batch_size, per_process)
+    if per_process % micro:
         raise ConfigError(
-            f"optim.batch_size={optim.batch_size} must split evenly over {num_processes} process(es) "
-            f"and then into micro-batches of optim.micro_batch_size={optim.micro_batch_size}"
+            f"{key}.micro_batch_size: must divide the {per_process} examples per process "
+            f"({key}.batch_size={optim.batch_size} over {num_processes} process(es)), got {optim.micro_batch_size}"
         )
-    return per_process // min(optim.micro_batch_size, per_process)
+    return per_process // micro
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
@@ -237,7 +242,7 @@ def run_steps(
     the speed metric counts and counts it in a global batch, e.g. ("tokens", count_tokens).
     """
     optim, out, device = config.optim, Path(config.output_dir), accelerator.device
-    accumulation = micro_batches_per_step(optim, accelerator.num_processes)
+    accumulation = micro_batches_per_step(optim, accelerator.num_processes, f"{stage}.optim")
     total_steps = optim.max_steps or optim.epochs * (len(examples) // optim.batch_size)
     optimizer, scheduler = make_optimizer(model, optim, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)

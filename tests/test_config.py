@@ -191,3 +191,143 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert f"error: {bad}:1: field 'rejected': missing" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Checks at the start of a stage, before any data or model loads
+
+
+def test_a_micro_batch_that_does_not_divide_the_batch_is_refused():
+    from rlhf import sft
+
+    config = sft.SFTConfig(model="unused", data=sft.DataConfig(train=["unused.jsonl"]), optim=sft.OptimConfig(batch_size=32, micro_batch_size=7))
+    with pytest.raises(ConfigError, match=r"^sft.optim.micro_batch_size: must divide the 32 examples per process \(sft.optim.batch_size=32 over 1 process\(es\)\), got 7$"):
+        sft.train(config)
+
+
+def test_a_minibatch_that_does_not_divide_the_rollout_batch_is_refused():
+    from rlhf import ppo
+
+    config = ppo.PPOConfig(policy="unused", prompts=ppo.PromptData(train=["unused.jsonl"]), algo=ppo.PPOAlgoConfig(batch_size=64, minibatch_size=24))
+    with pytest.raises(ConfigError, match=r"^ppo.algo.minibatch_size: must divide ppo.algo.batch_size=64, got 24$"):
+        ppo.validate(config, 1)
+
+
+@pytest.mark.parametrize(
+    "name,local",
+    [("gpt2", False), ("Qwen/Qwen2.5-0.5B", False), ("./model", True), ("../model", True), ("/abs/model", True),
+     ("~/model", True), ("a/b/c", True), ("runs/model", True), ("nothere/model", False)],
+)
+def test_local_paths_and_hub_ids_are_told_apart(name, local, tmp_path, monkeypatch):
+    from rlhf.models import is_local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert is_local_path(name) is local
+
+
+def test_a_local_model_path_that_does_not_exist_fails_fast_naming_it(tmp_path):
+    import time
+
+    from rlhf import sft
+
+    missing = tmp_path / "no" / "such" / "model"
+    config = sft.SFTConfig(model=str(missing), data=sft.DataConfig(train=["unused.jsonl"]))
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"^sft.model: {missing} does not exist"):
+        sft.train(config)
+    assert time.monotonic() - started < 5
+
+
+def ppo_config(policy, **kwargs):
+    """A PPO config that passes `validate` on the tiny model (64 positions) unless kwargs break it."""
+    from rlhf import ppo
+    from rlhf.sampling import SamplingConfig
+    from rlhf.scoring import RewardSourceConfig
+
+    kwargs.setdefault("reward", RewardSourceConfig(kind="function", path="conftest:length_reward"))
+    kwargs.setdefault("generation", SamplingConfig(max_new_tokens=16))
+    return ppo.PPOConfig(policy=str(policy), prompts=ppo.PromptData(train=["unused.jsonl"]), **kwargs)
+
+
+def test_max_new_tokens_must_leave_room_for_a_prompt(tiny_model_dir):
+    from rlhf import ppo
+    from rlhf.sampling import SamplingConfig
+
+    ppo.validate(ppo_config(tiny_model_dir, generation=SamplingConfig(max_new_tokens=63)), 1)
+    with pytest.raises(ConfigError, match=rf"^ppo.generation.max_new_tokens: must be between 1 and 63 for a model of 64 positions \({tiny_model_dir}\), got 64$"):
+        ppo.validate(ppo_config(tiny_model_dir, generation=SamplingConfig(max_new_tokens=64)), 1)
+
+
+@pytest.mark.parametrize(
+    "path,message",
+    [
+        ("no_such_module:score", "ppo.reward.path: cannot import 'no_such_module' of 'no_such_module:score': ModuleNotFoundError: No module named 'no_such_module'"),
+        ("conftest:no_such_function", "ppo.reward.path: module 'conftest' has no function 'no_such_function'"),
+        ("conftest", "ppo.reward.path: must look like module:function, got 'conftest'"),
+    ],
+)
+def test_a_reward_function_that_cannot_be_imported_is_named(tiny_model_dir, path, message):
+    from rlhf import ppo
+    from rlhf.scoring import RewardSourceConfig
+
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        ppo.validate(ppo_config(tiny_model_dir, reward=RewardSourceConfig(kind="function", path=path)), 1)
+
+
+def test_a_reward_model_path_that_does_not_exist_is_named(tiny_model_dir, tmp_path):
+    from rlhf import ppo
+    from rlhf.scoring import RewardSourceConfig
+
+    with pytest.raises(ConfigError, match=rf"^ppo.reward.path: {tmp_path}/reward does not exist"):
+        ppo.validate(ppo_config(tiny_model_dir, reward=RewardSourceConfig(path=str(tmp_path / "reward"))), 1)
+
+
+def test_reward_normalisation_checks_its_policy_before_training(tiny_model_dir):
+    from rlhf import reward
+    from rlhf.sampling import SamplingConfig
+
+    normalize = reward.NormalizeConfig(policy=str(tiny_model_dir), prompts=["unused.jsonl"], sampling=SamplingConfig(max_new_tokens=100))
+    config = reward.RewardConfig(model=str(tiny_model_dir), data=reward.DataConfig(train=["unused.jsonl"]), normalize=normalize)
+    with pytest.raises(ConfigError, match=r"^reward.normalize.sampling.max_new_tokens: must be between 1 and 63 for a model of 64 positions"):
+        reward.train(config)
+
+
+def test_evaluation_names_the_policy_that_does_not_exist(tiny_model_dir, tmp_path):
+    from rlhf.evaluation import EvalConfig, evaluate
+    from rlhf.sampling import SamplingConfig
+
+    policies = [str(tiny_model_dir), str(tmp_path / "ppo" / "model")]
+    config = EvalConfig(reference=str(tiny_model_dir), policies=policies, prompts=["unused.jsonl"], generation=SamplingConfig(max_new_tokens=16))
+    with pytest.raises(ConfigError, match=rf"^eval.policies\[1\]: {tmp_path}/ppo/model does not exist"):
+        evaluate(config)
+
+
+def test_the_demo_recipe_loads_before_the_models_it_names_exist():
+    recipe = load_recipe(Recipe, "recipes/demo.yaml")
+    assert recipe.ppo.policy == "runs/demo/sft/model"
+
+
+def test_the_pipeline_checks_every_stage_s_ranges_before_the_first_stage():
+    from rlhf import pipeline
+    from rlhf.ppo import KLConfig, PPOConfig
+
+    with pytest.raises(ConfigError, match=r"^ppo.kl.beta: must be >= 0, got -1$"):
+        pipeline.run(Recipe(ppo=PPOConfig(kl=KLConfig(beta=-1))))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlhf", *args], capture_output=True, text=True)
+
+
+def test_cli_refuses_a_bad_value_with_exit_code_2_and_no_traceback():
+    result = run_cli("sft", "--config", "recipes/demo.yaml", "sft.optim.lr=-0.001")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: sft.optim.lr: must be > 0, got -0.001"
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_options_of_generate_are_checked_like_recipe_values(tmp_path):
+    result = run_cli("generate", "--model", "unused", "--prompts", "unused.jsonl", "--out", str(tmp_path / "out.jsonl"), "--top-p", "0")
+    assert result.returncode == 2
+    assert "argument --top-p: must be in (0, 1], got 0.0" in result.stderr
+    assert "Traceback" not in result.stderr
