@@ -11,7 +11,8 @@
     rlhf bench    [--size tiny|small] [--precision fp32|bf16] [--new-tokens 32] [--batch 16]
     rlhf demo data --out DIR          rlhf demo base --out DIR
 
-`rlhf sft --help` lists every key of the stage with its default and meaning.
+`rlhf sft --help` lists every key of the stage with its default, allowed range and meaning.
+A bad value or option is an `error: ...` line on stderr and exit code 2, before any work.
 """
 
 from __future__ import annotations

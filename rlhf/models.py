@@ -3,6 +3,8 @@
 The rules that every stage shares live here: a tokenizer always has a pad token distinct from
 EOS (checklist item 1), position ids follow left padding (item 2), a fresh reward head is
 initialised N(0, 1/sqrt(d+1)) (item 7), and a saved model loads back with plain transformers.
+`check_model_path` refuses a name that reads as a local path and does not exist, before
+transformers would send it to the hub; every stage calls it before loading anything.
 """
 
 from __future__ import annotations
