@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf.config import NonNegativeInt, PositiveInt
+
 SIZES = {"tiny": (4, 256), "small": (8, 512)}  # (layers, width); heads of 64 dimensions
 VOCAB = 4096
 STAGES = ("ppo", "reward", "sft")
@@ -54,15 +56,15 @@ class BenchConfig:
     """tiny (4 layers x 256) or small (8 layers x 512)."""
     precision: str = "fp32"
     """fp32, or bf16 autocast as the stages run it."""
-    batch: int = 16
+    batch: PositiveInt = 16
     """Prompts per PPO iteration; pairs per reward-model step; sequences per SFT step."""
-    prompt_tokens: int = 16
+    prompt_tokens: PositiveInt = 16
     """Longest prompt (prompts are half as long up to this)."""
-    new_tokens: int = 32
+    new_tokens: PositiveInt = 32
     """Tokens sampled per response (and completion tokens in the reward and SFT batches)."""
-    iterations: int = 10
+    iterations: PositiveInt = 10
     """Timed iterations; the median is reported, with min and max."""
-    warmup: int = 2
+    warmup: NonNegativeInt = 2
     """Untimed iterations first."""
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     """Which of ppo, reward, sft to run."""

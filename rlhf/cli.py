@@ -11,7 +11,8 @@
     rlhf bench    [--size tiny|small] [--precision fp32|bf16] [--new-tokens 32] [--batch 16]
     rlhf demo data --out DIR          rlhf demo base --out DIR
 
-`rlhf sft --help` lists every key of the stage with its default and meaning.
+`rlhf sft --help` lists every key of the stage with its default, allowed range and meaning.
+A bad value or option is an `error: ...` line on stderr and exit code 2, before any work.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import os
 import sys
 
-from rlhf.config import ConfigError, describe, load_recipe
+from rlhf.config import ConfigError, PositiveInt, bounds, describe, load_recipe
 from rlhf.data import DataError
 
 STAGE_HELP = {
@@ -39,13 +40,28 @@ def _recipe_class():
 
 
 def _section_help(section: str) -> str:
-    import typing
-
-    hints = typing.get_type_hints(_recipe_class())
-    rows = describe(hints[section], prefix=f"{section}.")
-    width = max(len(key) for key, _, _ in rows)
-    lines = [f"  {key:<{width}}  {doc} (default {default})" for key, default, doc in rows]
+    rows = describe(getattr(_recipe_class()(), section), prefix=f"{section}.")
+    width = max(len(key) for key, *_ in rows)
+    lines = [f"  {key:<{width}}  {doc} (default {default}{', must be ' + allowed if allowed else ''})" for key, default, allowed, doc in rows]
     return "keys (set in the recipe or as section.key=value):\n" + "\n".join(lines)
+
+
+def _option_type(tp):
+    """An argparse `type` for a field's annotation: it reads the value and checks its Range, so
+    that `--num 0` is refused as a recipe's `num: 0` would be."""
+    limits = bounds(tp)
+    kind = tp.__origin__ if limits else tp
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if limits and (problem := limits.violation(value)):
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def _add_stage(subparsers, name: str) -> None:
@@ -59,20 +75,25 @@ def _add_stage(subparsers, name: str) -> None:
 def _add_bench(subparsers) -> None:
     """`rlhf bench`: one option per BenchConfig field, its help the field's docstring."""
     import dataclasses
+    import typing
 
     from rlhf.bench import CHOICES, BenchConfig
     from rlhf.config import field_docs
 
     bench = subparsers.add_parser("bench", help="time each stage and phase on locally built models; peak memory per mode")
-    docs = field_docs(BenchConfig)
+    docs, hints = field_docs(BenchConfig), typing.get_type_hints(BenchConfig, include_extras=True)
     for f in dataclasses.fields(BenchConfig):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        kwargs = {"nargs": "+"} if isinstance(default, list) else {"type": type(default)}
+        kwargs = {"nargs": "+"} if isinstance(default, list) else {"type": _option_type(hints[f.name])}
         bench.add_argument(f"--{f.name.replace('_', '-')}", default=default, choices=CHOICES.get(f.name), help=f"{docs[f.name]} (default {default})", **kwargs)
     bench.add_argument("--json", help="also write the results to this file")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import typing
+
+    from rlhf.sampling import SamplingConfig
+
     parser = argparse.ArgumentParser(prog="rlhf", description="The RLHF loop on one machine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -90,11 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", required=True, help="model directory or hub id")
     generate.add_argument("--prompts", required=True, nargs="+", help="prompt files ({prompt} records)")
     generate.add_argument("--out", required=True, help="candidates JSONL to write")
-    generate.add_argument("--num", type=int, default=4, help="completions per prompt")
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    sampling = typing.get_type_hints(SamplingConfig, include_extras=True)
+    generate.add_argument("--num", type=_option_type(PositiveInt), default=4, help="completions per prompt")
+    generate.add_argument("--temperature", type=_option_type(sampling["temperature"]), default=1.0)
+    generate.add_argument("--top-p", type=_option_type(sampling["top_p"]), default=1.0)
+    generate.add_argument("--top-k", type=_option_type(sampling["top_k"]), default=0)
+    generate.add_argument("--max-new-tokens", type=_option_type(sampling["max_new_tokens"]), default=64)
     generate.add_argument("--seed", type=int, default=0)
 
     from rlhf.label.cli import add_label_parser
@@ -148,15 +170,23 @@ def run(args: argparse.Namespace) -> None:
         report = pipeline.run(load_recipe(_recipe_class(), args.recipe, args.overrides))
         print(f"\nreport: {report}")
     elif args.command == "score":
-        from rlhf.scoring import RewardSourceConfig, load_reward_source, score_file
+        from rlhf.models import check_model_path
+        from rlhf.scoring import RewardSourceConfig, load_function, load_reward_source, score_file
 
+        if args.kind == "function":
+            load_function(args.reward, "--reward")
+        else:
+            check_model_path("--reward", args.reward)
         source = load_reward_source(RewardSourceConfig(kind=args.kind, path=args.reward, label=args.label))
         scores = score_file(source, args.input, args.out)
         print(f"scored {len(scores)} records, mean {sum(scores) / len(scores):.4f}: {args.out}")
     elif args.command == "generate":
         from rlhf.generate import generate
+        from rlhf.models import check_generation_room, check_model_path
         from rlhf.sampling import SamplingConfig
 
+        check_model_path("--model", args.model)
+        check_generation_room("--max-new-tokens", args.model, args.max_new_tokens)
         sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
         n = generate(args.model, args.prompts, args.out, args.num, sampling, args.seed)
         print(f"wrote {args.num} candidates for each of {n} prompts to {args.out}")

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, NonNegativeInt, PositiveInt, check_ranges
 from rlhf.data import load_prompts
 from rlhf.encoding import encode_prompts, pad
-from rlhf.models import context_length, load_causal_lm, load_tokenizer
+from rlhf.models import check_generation_room, check_model_path, context_length, load_causal_lm, load_tokenizer
 from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample
-from rlhf.scoring import FunctionScore, RewardSourceConfig, load_reward_source
+from rlhf.scoring import FunctionScore, RewardSourceConfig, check_reward_source, load_function, load_reward_source
 from rlhf.tracking import read_metrics
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class EvalConfig:
     """Held-out prompt files."""
     skip_invalid: bool = False
     """Skip malformed prompts and prompts too long for the model (and report how many) instead of stopping at the first."""
-    num_prompts: int = 0
+    num_prompts: NonNegativeInt = 0
     """Evaluate on this many prompts (0: all)."""
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     oracle: str = ""
@@ -50,7 +50,7 @@ class EvalConfig:
     """PPO run directories whose metrics.jsonl are plotted against steps."""
     output_dir: str = "runs/eval"
     """Where report.md, results.json, samples.jsonl and the plots go."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Prompts per sampling batch."""
     seed: int = 0
     """Seed for prompt choice and sampling."""
@@ -94,10 +94,29 @@ def sample_policy(path: str, reference, tokenizer, prompts: list[list[int]], con
     return completions, torch.cat(kls), torch.cat(lengths).float(), torch.cat(ended)
 
 
-def evaluate(config: EvalConfig) -> Path:
-    """Sample every policy on the held-out prompts, score, compare, and write the report."""
+def validate(config: EvalConfig) -> None:
+    """What can be checked before loading prompts or a model: ranges, the policies' paths and
+    room for a prompt beside `max_new_tokens` in their contexts, the reward source, the oracle,
+    and the runs to plot."""
+    check_ranges(config, "eval")
     if not config.reference or not config.prompts:
         raise ConfigError("eval.reference and eval.prompts are required")
+    policies = [("eval.reference", config.reference)] + [(f"eval.policies[{i}]", p) for i, p in enumerate(config.policies)]
+    for key, name in policies:
+        check_model_path(key, name)
+        check_generation_room("eval.generation.max_new_tokens", name, config.generation.max_new_tokens)
+    if config.reward.path:
+        check_reward_source(config.reward, "eval.reward")
+    if config.oracle:
+        load_function(config.oracle, "eval.oracle")
+    for i, run in enumerate(config.runs):
+        if not (Path(run).is_file() or (Path(run) / "metrics.jsonl").is_file()):
+            raise ConfigError(f"eval.runs[{i}]: no metrics.jsonl at {run} (a PPO run directory or its metrics file)")
+
+
+def evaluate(config: EvalConfig) -> Path:
+    """Sample every policy on the held-out prompts, score, compare, and write the report."""
+    validate(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

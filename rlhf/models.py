@@ -3,6 +3,8 @@
 The rules that every stage shares live here: a tokenizer always has a pad token distinct from
 EOS (checklist item 1), position ids follow left padding (item 2), a fresh reward head is
 initialised N(0, 1/sqrt(d+1)) (item 7), and a saved model loads back with plain transformers.
+`check_model_path` refuses a name that reads as a local path and does not exist, before
+transformers would send it to the hub; every stage calls it before loading anything.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, PositiveInt, Range
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,41 @@ PAD_TOKEN = "<|pad|>"
 class LoraConfig:
     enabled: bool = False
     """Train low-rank adapters (peft) instead of all weights."""
-    r: int = 16
+    r: PositiveInt = 16
     """Adapter rank."""
-    alpha: int = 32
+    alpha: PositiveInt = 32
     """Adapter scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Dropout on the adapter input (kept 0 for RL: checklist item 6)."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt; ["all-linear"] adapts every linear layer but the output head."""
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a model name means a local directory rather than a hub id (`gpt2`, `org/name`):
+    it exists, starts as a path does (/, ./, ../, ~), has more than one '/', or its first
+    component is a local directory (`runs/model`)."""
+    return (
+        os.path.exists(os.path.expanduser(name))
+        or name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or os.path.isdir(name.split("/")[0])
+    )
+
+
+def check_model_path(key: str, name: str) -> None:
+    """Refuse a local model path that does not exist, before transformers would take it for a
+    hub id and retry the hub for a minute."""
+    if is_local_path(name) and not os.path.exists(os.path.expanduser(name)):
+        raise ConfigError(f"{key}: {name} does not exist (read as a local path; a hub id looks like gpt2 or org/name)")
+
+
+def check_generation_room(key: str, name: str, max_new_tokens: int) -> None:
+    """Refuse a `max_new_tokens` that leaves no room for a prompt in the context of model `name`
+    (read from its config alone; call `check_model_path` first)."""
+    positions = context_length(AutoConfig.from_pretrained(name))
+    if max_new_tokens >= positions:
+        raise ConfigError(f"{key}: must be between 1 and {positions - 1} for a model of {positions} positions ({name}), got {max_new_tokens}")
 
 
 def load_tokenizer(name: str, require_eos: bool = True):

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf.config import check_ranges
 from rlhf.evaluation import EvalConfig
 from rlhf.ppo import PPOConfig
 from rlhf.reward import RewardConfig
@@ -71,7 +72,11 @@ def run_stage(recipe: Recipe, stage: str) -> Path:
 
 
 def run(recipe: Recipe) -> Path:
-    """Run every stage of the recipe in order; returns the evaluation report."""
+    """Run every stage of the recipe in order; returns the evaluation report.
+
+    Each stage checks its models' paths when it starts, since earlier stages write them; the
+    ranges of every stage are checked before the first one starts."""
+    check_ranges(recipe)
     for stage in STAGES:
         path = run_stage(recipe, stage)
         log.info("%s done: %s", stage, path)

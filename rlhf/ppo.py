@@ -26,11 +26,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from rlhf import causal_lm, ops, training
-from rlhf.config import ConfigError, to_dict
+from rlhf.config import ConfigError, NonNegative, NonNegativeInt, Positive, PositiveInt, UnitInterval, check_ranges, to_dict
 from rlhf.data import load_prompts
 from rlhf.encoding import encode_prompts, pad
 from rlhf.models import (
     LoraConfig,
+    check_generation_room,
+    check_model_path,
     context_length,
     dropout_off,
     load_causal_lm,
@@ -41,7 +43,7 @@ from rlhf.models import (
     score_head,
 )
 from rlhf.sampling import SamplingConfig, response_mask, sample_with_logprobs
-from rlhf.scoring import RewardSourceConfig, load_reward_source
+from rlhf.scoring import RewardSourceConfig, check_reward_source, load_reward_source
 from rlhf.tracking import Tracker, keep_steps_until
 from rlhf.training import Precision
 
@@ -66,13 +68,13 @@ class ValueConfig:
 
 @dataclass
 class KLConfig:
-    beta: float = 0.05
+    beta: NonNegative = 0.05
     """KL coefficient (the starting value when adaptive)."""
     adaptive: bool = False
     """Adapt beta towards `target` (Ziegler et al.'s controller) instead of keeping it fixed."""
-    target: float = 6.0
+    target: Positive = 6.0
     """Adaptive controller: the KL per sequence to aim for."""
-    horizon: int = 10000
+    horizon: PositiveInt = 10000
     """Adaptive controller: horizon in samples; larger moves beta more slowly."""
     estimator: Literal["k1", "k3"] = "k1"
     """Per-token KL estimator: k1 = log pi - log pi_ref, k3 = (r - 1) - log r."""
@@ -80,57 +82,57 @@ class KLConfig:
 
 @dataclass
 class PPOAlgoConfig:
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
     """Prompts per rollout (one PPO step), over all processes."""
-    minibatch_size: int = 16
+    minibatch_size: PositiveInt = 16
     """Rollouts per optimiser update."""
-    micro_batch_size: int = 16
+    micro_batch_size: PositiveInt = 16
     """Rollouts per forward pass on one process; gradients accumulate up to `minibatch_size`."""
-    epochs: int = 4
+    epochs: PositiveInt = 4
     """Passes over each rollout batch."""
-    gamma: float = 1.0
+    gamma: UnitInterval = 1.0
     """Discount in GAE."""
-    lam: float = 0.95
+    lam: UnitInterval = 0.95
     """GAE lambda."""
-    clip: float = 0.2
+    clip: Positive = 0.2
     """Policy ratio clipping epsilon."""
-    value_clip: float = 0.2
+    value_clip: Positive = 0.2
     """Value clipping range around the rollout values."""
-    vf_coef: float = 0.1
+    vf_coef: NonNegative = 0.1
     """Weight of the value loss in the combined objective."""
-    entropy_coef: float = 0.0
+    entropy_coef: NonNegative = 0.0
     """Weight of the entropy bonus in the combined objective."""
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance per batch (their mean is kept)."""
     missing_eos_penalty: float = -1.0
     """Score given to a response that never emits EOS (0 turns the penalty off)."""
-    score_clip: float = 0.0
+    score_clip: NonNegative = 0.0
     """Clip scores to [-score_clip, score_clip] (0: no clipping)."""
 
 
 @dataclass
 class PPOOptimConfig:
-    lr: float = 1e-5
+    lr: Positive = 1e-5
     """Peak learning rate (AdamW) for policy and value."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative = 0.0
     """AdamW weight decay."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
     """Linear warm-up in optimiser updates."""
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     """Learning-rate schedule over the optimiser updates of max_steps rollouts."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegative = 1.0
     """Global gradient-norm clipping (0 turns it off)."""
 
 
 @dataclass
 class StopConfig:
-    max_steps: int = 100
+    max_steps: PositiveInt = 100
     """Stop after this many PPO steps."""
     reward_threshold: float | None = None
     """Stop when the mean score over the last `window` steps reaches this."""
-    window: int = 5
+    window: PositiveInt = 5
     """Steps averaged for the reward threshold."""
-    kl_budget: float | None = None
+    kl_budget: Positive | None = None
     """Stop when a step's mean KL per sequence to the reference exceeds this (reward-hacking guard)."""
 
 
@@ -153,9 +155,9 @@ class PPOConfig:
     """fp32, bf16 (autocast; log-probs, advantages and weights stay fp32), or auto."""
     gradient_checkpointing: bool = False
     """Recompute the policy's and value network's activations in the backward pass instead of keeping them (less memory, about a third more training compute)."""
-    save_every: int = 20
+    save_every: PositiveInt = 20
     """Steps between checkpoints."""
-    samples_per_step: int = 4
+    samples_per_step: NonNegativeInt = 4
     """Completions written to samples.jsonl each step."""
     resume: bool = False
     """Continue from the latest checkpoint in output_dir."""
@@ -507,17 +509,29 @@ def should_stop(config: StopConfig, step: int, window: deque) -> str | None:
 
 
 def validate(config: PPOConfig, num_processes: int) -> None:
-    """Derived sizes computed and checked once, with a clear error when they do not divide."""
-    algo = config.algo
+    """What can be checked before loading prompts or a model: ranges, derived sizes (checked
+    once, with a clear error when they do not divide), the models' paths, the reward source,
+    and room for a prompt beside `max_new_tokens` in the policy's context."""
+    algo, world = config.algo, num_processes
+    check_ranges(config, "ppo")
     if not config.policy:
         raise ConfigError("ppo.policy is required: the SFT model to start from")
     if not config.prompts.train:
         raise ConfigError("ppo.prompts.train is required: one or more prompt files")
-    world = num_processes
-    if algo.batch_size % world or algo.minibatch_size % world or (algo.batch_size // world) % (algo.minibatch_size // world):
-        raise ConfigError(f"ppo.algo.batch_size={algo.batch_size} must split over {world} process(es) into minibatches of {algo.minibatch_size}")
+    if algo.batch_size % algo.minibatch_size:
+        raise ConfigError(f"ppo.algo.minibatch_size: must divide ppo.algo.batch_size={algo.batch_size}, got {algo.minibatch_size}")
+    if algo.minibatch_size % world:
+        raise ConfigError(f"ppo.algo.minibatch_size: must be a multiple of the {world} processes, got {algo.minibatch_size}")
     if (algo.minibatch_size // world) % algo.micro_batch_size:
-        raise ConfigError(f"ppo.algo.minibatch_size={algo.minibatch_size} over {world} process(es) must be a multiple of micro_batch_size={algo.micro_batch_size}")
+        raise ConfigError(
+            f"ppo.algo.micro_batch_size: must divide the {algo.minibatch_size // world} rollouts per process of a minibatch "
+            f"(ppo.algo.minibatch_size={algo.minibatch_size} over {world} process(es)), got {algo.micro_batch_size}"
+        )
+    check_model_path("ppo.policy", config.policy)
+    check_generation_room("ppo.generation.max_new_tokens", config.policy, config.generation.max_new_tokens)
+    if config.value.model:
+        check_model_path("ppo.value.model", config.value.model)
+    check_reward_source(config.reward, "ppo.reward")
 
 
 def train(config: PPOConfig) -> Path:

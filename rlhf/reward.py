@@ -26,10 +26,20 @@ import torch
 import torch.nn.functional as F
 
 from rlhf import ops, training
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, PositiveInt, check_ranges
 from rlhf.data import Comparison, DataError, Rating, keep_valid, load_feedback, load_prompts
 from rlhf.encoding import encode_completion, encode_prompt, pad
-from rlhf.models import LoraConfig, context_length, dropout_off, load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
+from rlhf.models import (
+    LoraConfig,
+    check_generation_room,
+    check_model_path,
+    context_length,
+    dropout_off,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    save_model,
+)
 from rlhf.sampling import SamplingConfig, sample_texts
 from rlhf.scoring import SequenceClassifierScore
 from rlhf.training import DataConfig, OptimConfig, Precision
@@ -43,7 +53,7 @@ class NormalizeConfig:
     """Model whose samples are the reference completions; empty: the completions of the training data."""
     prompts: list[str] = field(default_factory=list)
     """Prompt files to sample reference completions from (with `policy`)."""
-    num_samples: int = 256
+    num_samples: PositiveInt = 256
     """Reference completions to score."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     scale: bool = False
@@ -66,11 +76,11 @@ class RewardConfig:
     """Train without dropout, as TRL's and OpenRLHF's reward trainers do: scores stay deterministic."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them (less memory, about a third more compute)."""
-    eval_every: int = 100
+    eval_every: PositiveInt = 100
     """Steps between held-out evaluations."""
-    save_every: int = 200
+    save_every: PositiveInt = 200
     """Steps between checkpoints."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Steps between metric lines."""
     resume: bool = False
     """Continue from the latest checkpoint in output_dir."""
@@ -157,8 +167,6 @@ def reference_completions(config: NormalizeConfig, records: list, device, seed: 
     """(prompts, completions) whose scores define the zero of the reward (checklist item 7)."""
     rng = random.Random(seed)
     if config.policy:
-        if not config.prompts:
-            raise ConfigError("reward.normalize.prompts is required with reward.normalize.policy")
         prompts = [p.prompt for p in load_prompts(config.prompts)]
         prompts = [rng.choice(prompts) for _ in range(config.num_samples)]
         tokenizer = load_tokenizer(config.policy)
@@ -170,13 +178,28 @@ def reference_completions(config: NormalizeConfig, records: list, device, seed: 
     return [p for p, _ in pairs], [c for _, c in pairs]
 
 
-def train(config: RewardConfig) -> Path:
-    """Train a reward model on feedback; returns the path of the saved model."""
+def validate(config: RewardConfig, num_processes: int) -> None:
+    """What can be checked before loading data or a model: ranges, sizes, the models' paths, and
+    room for the reference samples in the normalising policy's context."""
+    check_ranges(config, "reward")
     if not config.model:
         raise ConfigError("reward.model is required: a local path or a hub id (usually the SFT model)")
     if not config.data.train:
         raise ConfigError("reward.data.train is required: one or more feedback files")
+    training.micro_batches_per_step(config.optim, num_processes, "reward.optim")
+    check_model_path("reward.model", config.model)
+    normalize = config.normalize
+    if normalize.policy:
+        if not normalize.prompts:
+            raise ConfigError("reward.normalize.prompts is required with reward.normalize.policy")
+        check_model_path("reward.normalize.policy", normalize.policy)
+        check_generation_room("reward.normalize.sampling.max_new_tokens", normalize.policy, normalize.sampling.max_new_tokens)
+
+
+def train(config: RewardConfig) -> Path:
+    """Train a reward model on feedback; returns the path of the saved model."""
     accelerator = training.make_accelerator()
+    validate(config, accelerator.num_processes)
     device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
     torch.manual_seed(config.seed)
     out = Path(config.output_dir)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rlhf import causal_lm
+from rlhf.config import NonNegative, NonNegativeInt, PositiveInt, Probability
 from rlhf.encoding import pad
 from rlhf.models import position_ids
 from rlhf.ops import logprobs_from_logits
@@ -40,13 +41,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 0.7
+    temperature: NonNegative = 0.7
     """Softmax temperature (checklist item 19: fixed for rollouts)."""
-    top_p: float = 1.0
+    top_p: Probability = 1.0
     """Nucleus sampling: keep the smallest set of tokens with this much probability (1: off)."""
-    top_k: int = 0
+    top_k: NonNegativeInt = 0
     """Keep only the k most likely tokens (0: off)."""
-    max_new_tokens: int = 64
+    max_new_tokens: PositiveInt = 64
     """Longest response; one that reaches it without EOS is truncated."""
 
 

@@ -20,10 +20,10 @@ from typing import Literal, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, PositiveInt
 from rlhf.data import DataError, load_demonstrations, write_jsonl
 from rlhf.encoding import pad
-from rlhf.models import context_length, load_sequence_classifier, load_tokenizer
+from rlhf.models import check_model_path, context_length, load_sequence_classifier, load_tokenizer
 
 
 class RewardSource(Protocol):
@@ -39,7 +39,7 @@ class RewardSourceConfig:
     """Model directory or hub id; for a function, `module:function`."""
     label: str = ""
     """Classifier only: the label (name or index) whose logit is the reward, e.g. "not toxic"."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Sequences per forward pass."""
 
 
@@ -102,19 +102,43 @@ class FunctionScore:
     """A Python function `module:function` with TRL's reward-function signature."""
 
     def __init__(self, spec: str):
-        module, _, name = spec.partition(":")
-        if not name:
-            raise ConfigError(f"reward function {spec!r} must look like module:function")
-        if os.getcwd() not in sys.path:  # a module of the user's project, as `python -m` would find it
-            sys.path.insert(0, os.getcwd())
-        self.fn = getattr(importlib.import_module(module), name)
-        self.spec = spec
+        self.fn, self.spec = load_function(spec, "reward function"), spec
 
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         scores = self.fn(prompts=prompts, completions=completions)
         if len(scores) != len(prompts):
             raise ValueError(f"{self.spec} returned {len(scores)} scores for {len(prompts)} completions")
         return torch.tensor([float(s) for s in scores], dtype=torch.float32)
+
+
+def load_function(spec: str, key: str):
+    """The function that `module:function` names, its module imported as `python -m` would find
+    it; a ConfigError naming `key` when it cannot be had."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"{key}: must look like module:function, got {spec!r}")
+    if os.getcwd() not in sys.path:  # a module of the user's project
+        sys.path.insert(0, os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except Exception as exc:  # the user's module failed to import, whatever the reason
+        raise ConfigError(f"{key}: cannot import {module!r} of {spec!r}: {type(exc).__name__}: {exc}") from None
+    if not callable(fn):
+        raise ConfigError(f"{key}: module {module!r} has no function {name!r}")
+    return fn
+
+
+def check_reward_source(config: RewardSourceConfig, key: str) -> None:
+    """Refuse, before anything loads, a reward source that cannot load: no path, a local model
+    path that does not exist, a function that cannot be imported, a classifier without a label."""
+    if not config.path:
+        raise ConfigError(f"{key}.path is required: a model directory, hub id or module:function")
+    if config.kind == "function":
+        load_function(config.path, f"{key}.path")
+        return
+    check_model_path(f"{key}.path", config.path)
+    if config.kind == "classifier" and not config.label:
+        raise ConfigError(f"{key}.label is required with kind classifier: the class whose logit is the reward")
 
 
 def load_reward_source(config: RewardSourceConfig, device: str | torch.device = "cpu") -> RewardSource:

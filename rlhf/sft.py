@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf.config import ConfigError
+from rlhf.config import ConfigError, PositiveInt, check_ranges
 from rlhf.data import keep_valid, load_demonstrations
 from rlhf.encoding import FALLBACK_CHAT_TEMPLATE, IGNORE, encode_demonstration, pad
-from rlhf.models import LoraConfig, context_length, load_causal_lm, load_tokenizer, save_model
+from rlhf.models import LoraConfig, check_model_path, context_length, load_causal_lm, load_tokenizer, save_model
 from rlhf import training
 from rlhf.training import DataConfig, OptimConfig, Precision
 
@@ -37,11 +37,11 @@ class SFTConfig:
     """fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where the hardware runs it fast."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them (less memory, about a third more compute)."""
-    eval_every: int = 100
+    eval_every: PositiveInt = 100
     """Steps between eval-loss measurements."""
-    save_every: int = 200
+    save_every: PositiveInt = 200
     """Steps between checkpoints."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Steps between metric lines."""
     resume: bool = False
     """Continue from the latest checkpoint in output_dir."""
@@ -83,13 +83,21 @@ def eval_loss(model, examples, pad_id: int, batch_size: int, device, bf16: bool)
     return total / max(tokens, 1)
 
 
-def train(config: SFTConfig) -> Path:
-    """Fine-tune `config.model` on the demonstrations; returns the path of the saved model."""
+def validate(config: SFTConfig, num_processes: int) -> None:
+    """What can be checked before loading data or a model: ranges, sizes, the model's path."""
+    check_ranges(config, "sft")
     if not config.model:
         raise ConfigError("sft.model is required: a local path or a hub id")
     if not config.data.train:
         raise ConfigError("sft.data.train is required: one or more demonstration files")
+    training.micro_batches_per_step(config.optim, num_processes, "sft.optim")
+    check_model_path("sft.model", config.model)
+
+
+def train(config: SFTConfig) -> Path:
+    """Fine-tune `config.model` on the demonstrations; returns the path of the saved model."""
     accelerator = training.make_accelerator()
+    validate(config, accelerator.num_processes)
     device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
     torch.manual_seed(config.seed)
     out = Path(config.output_dir)

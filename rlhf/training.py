@@ -23,7 +23,7 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rlhf.config import ConfigError, to_dict
+from rlhf.config import ConfigError, Fraction, NonNegative, NonNegativeInt, Positive, PositiveInt, to_dict
 from rlhf.models import LoraConfig, add_lora, atomic_dir
 from rlhf.tracking import Tracker
 
@@ -36,9 +36,9 @@ class DataConfig:
     """Training files or hub datasets, in the stage's record format."""
     eval: list[str] = field(default_factory=list)
     """Held-out files for evaluation; empty: hold out `eval_fraction` of `train`."""
-    eval_fraction: float = 0.05
+    eval_fraction: Fraction = 0.05
     """Share of `train` held out when `eval` is empty."""
-    max_length: int = 512
+    max_length: PositiveInt = 512
     """Longest prompt + completion in tokens (capped by the model's context)."""
     skip_invalid: bool = False
     """Skip malformed records (and report how many) instead of stopping at the first."""
@@ -46,23 +46,23 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: Positive = 1e-4
     """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative = 0.0
     """AdamW weight decay."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
     """Linear warm-up steps before the schedule."""
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     """Learning-rate schedule after warm-up."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegative = 1.0
     """Global gradient-norm clipping threshold (0 turns it off)."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Examples per optimiser step, over all processes."""
-    micro_batch_size: int = 32
+    micro_batch_size: PositiveInt = 32
     """Examples per forward pass on one process; gradients accumulate up to `batch_size`."""
-    epochs: int = 1
+    epochs: PositiveInt = 1
     """Passes over the training data."""
-    max_steps: int = 0
+    max_steps: NonNegativeInt = 0
     """Stop after this many optimiser steps (0: run all epochs)."""
 
 
@@ -106,15 +106,20 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def micro_batches_per_step(optim: OptimConfig, num_processes: int) -> int:
-    """Gradient-accumulation steps: batch_size = micro_batch_size x processes x this; checked once."""
+def micro_batches_per_step(optim: OptimConfig, num_processes: int, key: str) -> int:
+    """Gradient-accumulation steps: batch_size = micro_batch_size x processes x this; checked
+    once. `key` is the section's name in errors (`sft.optim`). A micro-batch larger than a
+    process's share of the batch is that share."""
     per_process, rest = divmod(optim.batch_size, num_processes)
-    if rest or per_process % min(optim.micro_batch_size, per_process):
+    if rest:
+        raise ConfigError(f"{key}.batch_size: must be a multiple of the {num_processes} processes, got {optim.batch_size}")
+    micro = min(optim.micro_batch_size, per_process)
+    if per_process % micro:
         raise ConfigError(
-            f"optim.batch_size={optim.batch_size} must split evenly over {num_processes} process(es) "
-            f"and then into micro-batches of optim.micro_batch_size={optim.micro_batch_size}"
+            f"{key}.micro_batch_size: must divide the {per_process} examples per process "
+            f"({key}.batch_size={optim.batch_size} over {num_processes} process(es)), got {optim.micro_batch_size}"
         )
-    return per_process // min(optim.micro_batch_size, per_process)
+    return per_process // micro
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
@@ -243,7 +248,7 @@ def run_steps(
     the speed metric counts and counts it in a global batch, e.g. ("tokens", count_tokens).
     """
     optim, out, device = config.optim, Path(config.output_dir), accelerator.device
-    accumulation = micro_batches_per_step(optim, accelerator.num_processes)
+    accumulation = micro_batches_per_step(optim, accelerator.num_processes, f"{stage}.optim")
     total_steps = optim.max_steps or optim.epochs * (len(examples) // optim.batch_size)
     optimizer, scheduler = make_optimizer(model, optim, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
