@@ -35,7 +35,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH)" $(TORCH_INDEX)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH)" $(TORCH_INDEX) -e ".[dev]"
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(transformers|peft|accelerate|datasets|tokenizers|safetensors|huggingface.hub)=='
 	$(LATEST_VENV)/bin/python -m pytest -q tests
 

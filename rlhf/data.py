@@ -360,8 +360,9 @@ class Loaded(list):
 def keep_valid(items: Iterable[T], convert: Callable[[T], U], skip_invalid: bool, what: str) -> Loaded:
     """`convert` of every item. An item it rejects with a DataError (a malformed record, a prompt
     too long for the model) stops the run, or with `skip_invalid` is left out, counted and
-    reported once."""
-    converted = Loaded()
+    reported once; where every item is left out, nothing is left to train on, and that stops the
+    run too."""
+    converted, first = Loaded(), None
     for item in items:
         try:
             converted.append(convert(item))
@@ -369,7 +370,10 @@ def keep_valid(items: Iterable[T], convert: Callable[[T], U], skip_invalid: bool
             if not skip_invalid:
                 raise
             converted.skipped += 1
-            converted.first_error = converted.first_error or str(exc)
+            first = first or exc
+    converted.first_error = first and str(first)
+    if first is not None and not converted:
+        raise DataError(first.where, f"{first.reason}; skip_invalid left out all {converted.skipped} records ({what}), so none is left", first.field)
     if converted.skipped:
         log.warning("skipped %d %s (skip_invalid is set); the first: %s", converted.skipped, what, converted.first_error)
     return converted

@@ -24,7 +24,7 @@ from rlhf.data import load_prompts
 from rlhf.encoding import encode_prompts, pad
 from rlhf.models import check_generation_room, check_model_path, context_length, load_causal_lm, load_tokenizer
 from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample
-from rlhf.scoring import FunctionScore, RewardSourceConfig, check_reward_source, load_function, load_reward_source
+from rlhf.scoring import FunctionScore, RewardSourceConfig, check_reward_path, check_reward_source, load_function, load_reward_source
 from rlhf.tracking import read_metrics
 
 log = logging.getLogger(__name__)
@@ -94,21 +94,29 @@ def sample_policy(path: str, reference, tokenizer, prompts: list[list[int]], con
     return completions, torch.cat(kls), torch.cat(lengths).float(), torch.cat(ended)
 
 
-def validate(config: EvalConfig) -> None:
-    """What can be checked before loading prompts or a model: ranges, the policies' paths and
-    room for a prompt beside `max_new_tokens` in their contexts, the reward source, the oracle,
-    and the runs to plot."""
+def check_config(config: EvalConfig, num_processes: int = 1) -> None:
+    """What the recipe alone decides: ranges, required keys, a reward source and an oracle that
+    can load."""
     check_ranges(config, "eval")
     if not config.reference or not config.prompts:
         raise ConfigError("eval.reference and eval.prompts are required")
+    if config.reward.path:
+        check_reward_source(config.reward, "eval.reward")
+    if config.oracle:
+        load_function(config.oracle, "eval.oracle")
+
+
+def validate(config: EvalConfig) -> None:
+    """What can be checked before loading prompts or a model: the recipe, the policies' paths
+    and room for a prompt beside `max_new_tokens` in their contexts, the reward model's path,
+    and the runs to plot."""
+    check_config(config)
     policies = [("eval.reference", config.reference)] + [(f"eval.policies[{i}]", p) for i, p in enumerate(config.policies)]
     for key, name in policies:
         check_model_path(key, name)
         check_generation_room("eval.generation.max_new_tokens", name, config.generation.max_new_tokens)
     if config.reward.path:
-        check_reward_source(config.reward, "eval.reward")
-    if config.oracle:
-        load_function(config.oracle, "eval.oracle")
+        check_reward_path(config.reward, "eval.reward")
     for i, run in enumerate(config.runs):
         if not (Path(run).is_file() or (Path(run) / "metrics.jsonl").is_file()):
             raise ConfigError(f"eval.runs[{i}]: no metrics.jsonl at {run} (a PPO run directory or its metrics file)")

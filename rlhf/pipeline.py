@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.config import check_ranges
+from rlhf import evaluation, ppo, reward, sft, training
 from rlhf.evaluation import EvalConfig
 from rlhf.ppo import PPOConfig
 from rlhf.reward import RewardConfig
@@ -74,9 +74,12 @@ def run_stage(recipe: Recipe, stage: str) -> Path:
 def run(recipe: Recipe) -> Path:
     """Run every stage of the recipe in order; returns the evaluation report.
 
-    Each stage checks its models' paths when it starts, since earlier stages write them; the
-    ranges of every stage are checked before the first one starts."""
-    check_ranges(recipe)
+    What the recipe alone decides (ranges, required keys, sizes, reward functions) is checked for
+    every stage before the first one starts; each stage checks its models' paths when it starts,
+    since earlier stages write them."""
+    processes = training.num_processes()
+    for stage, module in zip(STAGES, (sft, reward, ppo, evaluation)):
+        module.check_config(getattr(recipe, stage), processes)
     for stage in STAGES:
         path = run_stage(recipe, stage)
         log.info("%s done: %s", stage, path)

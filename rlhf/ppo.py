@@ -43,7 +43,7 @@ from rlhf.models import (
     score_head,
 )
 from rlhf.sampling import SamplingConfig, response_mask, sample_with_logprobs
-from rlhf.scoring import RewardSourceConfig, check_reward_source, load_reward_source
+from rlhf.scoring import RewardSourceConfig, check_reward_path, check_reward_source, load_reward_source
 from rlhf.tracking import Tracker, keep_steps_until
 from rlhf.training import Precision
 
@@ -508,10 +508,9 @@ def should_stop(config: StopConfig, step: int, window: deque) -> str | None:
     return None
 
 
-def validate(config: PPOConfig, num_processes: int) -> None:
-    """What can be checked before loading prompts or a model: ranges, derived sizes (checked
-    once, with a clear error when they do not divide), the models' paths, the reward source,
-    and room for a prompt beside `max_new_tokens` in the policy's context."""
+def check_config(config: PPOConfig, num_processes: int) -> None:
+    """What the recipe alone decides: ranges, required keys, derived sizes (checked once, with a
+    clear error when they do not divide), a reward source that can load."""
     algo, world = config.algo, num_processes
     check_ranges(config, "ppo")
     if not config.policy:
@@ -527,11 +526,18 @@ def validate(config: PPOConfig, num_processes: int) -> None:
             f"ppo.algo.micro_batch_size: must divide the {algo.minibatch_size // world} rollouts per process of a minibatch "
             f"(ppo.algo.minibatch_size={algo.minibatch_size} over {world} process(es)), got {algo.micro_batch_size}"
         )
+    check_reward_source(config.reward, "ppo.reward")
+
+
+def validate(config: PPOConfig, num_processes: int) -> None:
+    """What can be checked before loading prompts or a model: the recipe, the models' paths, and
+    room for a prompt beside `max_new_tokens` in the policy's context."""
+    check_config(config, num_processes)
     check_model_path("ppo.policy", config.policy)
     check_generation_room("ppo.generation.max_new_tokens", config.policy, config.generation.max_new_tokens)
     if config.value.model:
         check_model_path("ppo.value.model", config.value.model)
-    check_reward_source(config.reward, "ppo.reward")
+    check_reward_path(config.reward, "ppo.reward")
 
 
 def train(config: PPOConfig) -> Path:
@@ -558,7 +564,7 @@ def train(config: PPOConfig) -> Path:
     generator = torch.Generator().manual_seed(config.seed + 1)  # minibatch order
     state = {"epoch": 0, "batch": 0, "window": []}
     if checkpoint is not None:
-        state = training.load_state(checkpoint)
+        state = training.load_state(checkpoint, accelerator.process_index)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         kl_controller.beta = state["beta"]
@@ -573,8 +579,9 @@ def train(config: PPOConfig) -> Path:
     tracker = Tracker(out, enabled=accelerator.is_main_process, resume_step=step)
     order = training.batches(len(prompts), config.algo.batch_size, config.seed, state["epoch"], state["batch"])
     bar = tqdm(total=config.stop.max_steps, initial=step, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    # A KL-budget stop cannot be decided again from the checkpoint: it stays stopped.
-    reason = state.get("kl_stop") or (should_stop(config.stop, step, window) if step else None)
+    # A run its KL budget stopped stays stopped, unless the budget now allows that step's KL.
+    kl_stop = over_kl_budget(config.stop, step, state["kl"]) if state.get("kl_stopped") else None
+    reason = kl_stop or (should_stop(config.stop, step, window) if step else None)
     if reason and checkpoint is not None:
         log.info("the run in %s had already stopped at step %d: %s", out, step, reason)
     while reason is None:
@@ -602,9 +609,11 @@ def train(config: PPOConfig) -> Path:
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score/mean']:.3f}", kl=f"{metrics['kl/sequence']:.2f}", beta=f"{kl_controller.beta:.3f}")
         reason = kl_stop or should_stop(config.stop, step, window)
-        if (step % config.save_every == 0 or reason) and accelerator.is_main_process:
-            position = {"epoch": epoch, "batch": index + 1, "window": list(window), "beta": kl_controller.beta, "generator": generator.get_state(), "kl_stop": kl_stop}
-            save_trained(out, step, accelerator.unwrap_model(model), tokenizer, {**position, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+        if step % config.save_every == 0 or reason:
+            rng = training.rng_states(accelerator)  # on every process
+            if accelerator.is_main_process:
+                position = {"epoch": epoch, "batch": index + 1, "window": list(window), "beta": kl_controller.beta, "generator": generator.get_state(), "kl": metrics["kl/sequence"], "kl_stopped": kl_stop is not None}
+                save_trained(out, step, accelerator.unwrap_model(model), tokenizer, {**position, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, rng)
     bar.close()
     tracker.close()
     log.info("ppo stopped after step %d: %s", step, reason)
@@ -626,9 +635,9 @@ def write_samples(path: Path, step: int, prompts: list[str], completions: list[s
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def save_trained(out: Path, step: int, model: PolicyAndValue, tokenizer, state: dict) -> None:
+def save_trained(out: Path, step: int, model: PolicyAndValue, tokenizer, state: dict, rng: list[dict]) -> None:
     """A checkpoint: the policy (or its adapters) as `model/`, plus the value network or head."""
-    path = training.save_checkpoint(out, step, model.policy, tokenizer, state)
+    path = training.save_checkpoint(out, step, model.policy, tokenizer, state, rng)
     if model.value_head is not None:
         torch.save(model.value_head.state_dict(), path / "value_head.pt")
     else:

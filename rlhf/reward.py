@@ -178,20 +178,25 @@ def reference_completions(config: NormalizeConfig, records: list, device, seed: 
     return [p for p, _ in pairs], [c for _, c in pairs]
 
 
-def validate(config: RewardConfig, num_processes: int) -> None:
-    """What can be checked before loading data or a model: ranges, sizes, the models' paths, and
-    room for the reference samples in the normalising policy's context."""
+def check_config(config: RewardConfig, num_processes: int) -> None:
+    """What the recipe alone decides: ranges, required keys, sizes that divide."""
     check_ranges(config, "reward")
     if not config.model:
         raise ConfigError("reward.model is required: a local path or a hub id (usually the SFT model)")
     if not config.data.train:
         raise ConfigError("reward.data.train is required: one or more feedback files")
     training.micro_batches_per_step(config.optim, num_processes, "reward.optim")
+    if config.normalize.policy and not config.normalize.prompts:
+        raise ConfigError("reward.normalize.prompts is required with reward.normalize.policy")
+
+
+def validate(config: RewardConfig, num_processes: int) -> None:
+    """What can be checked before loading data or a model: the recipe, the models' paths, and
+    room for the reference samples in the normalising policy's context."""
+    check_config(config, num_processes)
     check_model_path("reward.model", config.model)
     normalize = config.normalize
     if normalize.policy:
-        if not normalize.prompts:
-            raise ConfigError("reward.normalize.prompts is required with reward.normalize.policy")
         check_model_path("reward.normalize.policy", normalize.policy)
         check_generation_room("reward.normalize.sampling.max_new_tokens", normalize.policy, normalize.sampling.max_new_tokens)
 

@@ -129,16 +129,21 @@ def load_function(spec: str, key: str):
 
 
 def check_reward_source(config: RewardSourceConfig, key: str) -> None:
-    """Refuse, before anything loads, a reward source that cannot load: no path, a local model
-    path that does not exist, a function that cannot be imported, a classifier without a label."""
+    """Refuse, before anything loads, a reward source the recipe alone shows cannot load: no
+    path, a function that cannot be imported, a classifier without a label."""
     if not config.path:
         raise ConfigError(f"{key}.path is required: a model directory, hub id or module:function")
     if config.kind == "function":
         load_function(config.path, f"{key}.path")
-        return
-    check_model_path(f"{key}.path", config.path)
-    if config.kind == "classifier" and not config.label:
+    elif config.kind == "classifier" and not config.label:
         raise ConfigError(f"{key}.label is required with kind classifier: the class whose logit is the reward")
+
+
+def check_reward_path(config: RewardSourceConfig, key: str) -> None:
+    """Refuse a reward model or classifier at a local path that does not exist (an earlier stage
+    may write it: checked when the stage that reads it starts)."""
+    if config.kind != "function":
+        check_model_path(f"{key}.path", config.path)
 
 
 def load_reward_source(config: RewardSourceConfig, device: str | torch.device = "cpu") -> RewardSource:

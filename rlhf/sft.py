@@ -83,14 +83,19 @@ def eval_loss(model, examples, pad_id: int, batch_size: int, device, bf16: bool)
     return total / max(tokens, 1)
 
 
-def validate(config: SFTConfig, num_processes: int) -> None:
-    """What can be checked before loading data or a model: ranges, sizes, the model's path."""
+def check_config(config: SFTConfig, num_processes: int) -> None:
+    """What the recipe alone decides: ranges, required keys, sizes that divide."""
     check_ranges(config, "sft")
     if not config.model:
         raise ConfigError("sft.model is required: a local path or a hub id")
     if not config.data.train:
         raise ConfigError("sft.data.train is required: one or more demonstration files")
     training.micro_batches_per_step(config.optim, num_processes, "sft.optim")
+
+
+def validate(config: SFTConfig, num_processes: int) -> None:
+    """What can be checked before loading data or a model: the recipe, and the model's path."""
+    check_config(config, num_processes)
     check_model_path("sft.model", config.model)
 
 

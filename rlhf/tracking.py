@@ -51,8 +51,16 @@ def keep_steps_until(path: Path, step: int) -> None:
     if not step:
         path.unlink()
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _step_of(line: str) -> float:
+    """The step of a log line; infinity (dropped) for a line a crash cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def read_metrics(path: str | Path) -> list[dict]:

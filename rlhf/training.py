@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import shutil
 import time
@@ -85,6 +86,12 @@ def make_accelerator():
     from accelerate import Accelerator
 
     return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def num_processes() -> int:
+    """How many data-parallel processes this run has, before any stage starts them talking
+    (torchrun and `accelerate launch` set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def use_bf16(precision: Precision, device: torch.device) -> bool:
@@ -180,10 +187,10 @@ def peak_memory() -> dict[str, float]:
 
 
 def rng_state() -> dict:
-    """Every global random stream: Python's, NumPy's, torch's on the CPU and on each GPU."""
+    """This process's global random streams: Python's, NumPy's, torch's on the CPU and on its GPU."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -192,17 +199,26 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep: int = 2) -> Path:
-    """Write `run_dir/checkpoints/step-N` atomically (model, tokenizer, state.pt); keep the last `keep`."""
+def rng_states(accelerator) -> list[dict]:
+    """Every process's `rng_state`, in process order (call it on every process): the main
+    process writes them all into a checkpoint, and each process resumes with its own."""
+    from accelerate.utils import gather_object
+
+    return gather_object([rng_state()])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, rng: list[dict], keep: int = 2) -> Path:
+    """Write `run_dir/checkpoints/step-N` atomically (model, tokenizer, state.pt with every
+    process's random streams `rng`); keep the last `keep`."""
     root = Path(run_dir) / "checkpoints"
     path = root / f"step-{step:07d}"
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
-        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
+        torch.save({**state, "step": step, "rng": rng}, tmp / "state.pt")
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -213,10 +229,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def load_state(checkpoint: Path) -> dict:
-    """The state saved with a checkpoint; the RNG streams are restored as a side effect."""
+def load_state(checkpoint: Path, process_index: int = 0) -> dict:
+    """The state saved with a checkpoint; this process's RNG streams are restored as a side effect."""
     state = torch.load(checkpoint / "state.pt", weights_only=False)
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"][process_index])
     log.info("resuming from %s (step %d)", checkpoint, state["step"])
     return state
 
@@ -254,7 +270,7 @@ def run_steps(
     model, optimizer = accelerator.prepare(model, optimizer)
     state = {"epoch": 0, "batch": 0}
     if checkpoint is not None:
-        state = load_state(checkpoint)
+        state = load_state(checkpoint, accelerator.process_index)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     step = state.get("step", 0)
@@ -282,6 +298,7 @@ def run_steps(
                 accelerator.backward(value * accelerator.num_processes)
             loss_sum += value.item()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip) if optim.grad_clip else torch.tensor(0.0)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; the scheduler moves on below
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -292,7 +309,7 @@ def run_steps(
         bar.set_postfix(loss=f"{loss_value:.3f}")
         metrics = {}
         if step % config.log_every == 0 or step == total_steps:
-            metrics.update({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)})
+            metrics.update({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": float(grad_norm)})
             metrics.update({f"train/{throughput[0]}_per_s": seen / (time.time() - started), **peak_memory()})
         if step % config.eval_every == 0 or step == total_steps:
             model.eval()
@@ -303,9 +320,11 @@ def run_steps(
             bar.write(f"step {step}: " + ", ".join(f"held-out {k} {v:.4f}" for k, v in result.items()))
         if metrics:
             tracker.log(step, metrics)
-        if (step % config.save_every == 0 or step == total_steps) and accelerator.is_main_process:
-            position = {"epoch": epoch, "batch": index + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-            save_checkpoint(out, step, accelerator.unwrap_model(model), tokenizer, position)
+        if step % config.save_every == 0 or step == total_steps:
+            rng = rng_states(accelerator)
+            if accelerator.is_main_process:
+                position = {"epoch": epoch, "batch": index + 1, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                save_checkpoint(out, step, accelerator.unwrap_model(model), tokenizer, position, rng)
     bar.close()
     tracker.close()
     return model, {**result, "steps": step}

@@ -109,3 +109,10 @@ def test_prompt_longer_than_the_model_allows(tiny_model_dir):
     prompt_ids = encode_prompt(tokenizer, "User: hi\nAssistant:", 64, "data.jsonl:8")
     with pytest.raises(DataError, match=r"^data.jsonl:8: field 'chosen': prompt \+ completion is \d+ tokens"):
         encode_completion(tokenizer, prompt_ids, long_prompt, 64, "data.jsonl:8", "chosen")
+
+
+def test_skip_invalid_that_leaves_nothing_stops_the_run(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:1: field 'completion': missing; skip_invalid left out all 2 records \(invalid records\), so none is left$"):
+        load_demonstrations(str(path), skip_invalid=True)

@@ -141,6 +141,10 @@ def test_a_run_stopped_by_the_kl_budget_stays_stopped_on_resume(tiny_sft_dir, ti
         ppo.train(config)
     assert "already stopped" in caplog.text and reason.strip() in caplog.text
     assert (tmp_path / "metrics.jsonl").read_text() == metrics and (tmp_path / "stop_reason.txt").read_text() == reason
+    config.stop.kl_budget = None  # lifting the budget lets the run go on to its step limit
+    ppo.train(config)
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
+    assert (tmp_path / "stop_reason.txt").read_text().startswith("max steps")
 
 
 def test_warm_up_counts_optimiser_updates_and_the_logged_rate_is_the_one_used(tiny_model_dir, tiny_prompts, tmp_path):

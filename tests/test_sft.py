@@ -142,3 +142,10 @@ def test_lora_trains_adapters_and_saves_a_merged_model(tiny_model_dir, tiny_data
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     delta = (model.transformer.h[0].attn.c_attn.weight - base.transformer.h[0].attn.c_attn.weight).abs().max()
     assert delta > 1e-5
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_model_dir, tiny_data, tmp_path):
+    sft.train(_config(tiny_model_dir, tiny_data, tmp_path, max_steps=6, warmup_steps=4, schedule="linear"))
+    # Steps 1-4 warm up at 0, 1/4, 2/4, 3/4 of lr; steps 5-6 decay linearly: (6 - 4) / 2, (6 - 5) / 2.
+    logged = [m["train/lr"] for m in read_metrics(tmp_path)]
+    assert logged == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 5e-4], rel=1e-9, abs=1e-12)

@@ -9,15 +9,42 @@ import torch
 from rlhf import training
 
 
-def test_checkpointed_random_streams_include_every_gpu(monkeypatch):
-    # No GPU here: torch.cuda's state functions are replaced by a stand-in with one device.
-    gpu = {"state": [torch.tensor([1, 2, 3], dtype=torch.uint8)]}
+def test_checkpointed_random_streams_include_the_gpu(monkeypatch):
+    # No GPU here: torch.cuda's state functions are replaced by a stand-in for this process's device.
+    gpu = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in gpu["state"]])
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: gpu.update(state=list(states)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: gpu.update(state=state))
     state = training.rng_state()
     expected = (random.random(), torch.rand(3))
-    gpu["state"] = [torch.tensor([9, 9, 9], dtype=torch.uint8)]  # the GPU stream moves on
+    gpu["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the GPU stream moves on
     training.set_rng_state(state)
-    assert gpu["state"][0].tolist() == [1, 2, 3]
+    assert gpu["state"].tolist() == [1, 2, 3]
     assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
+
+
+def test_each_process_resumes_with_its_own_random_streams(tmp_path):
+    # What the main process writes for two processes; process 1 must get process 1's streams.
+    torch.manual_seed(1)
+    first = training.rng_state()
+    torch.manual_seed(2)
+    second = training.rng_state()
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"step": 3, "rng": [first, second]}, tmp_path / "ckpt" / "state.pt")
+    torch.manual_seed(0)
+    training.load_state(tmp_path / "ckpt", process_index=1)
+    torch.manual_seed(2)
+    expected = torch.rand(4)
+    training.load_state(tmp_path / "ckpt", process_index=1)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_resuming_drops_the_lines_after_the_checkpoint_and_a_line_cut_short(tmp_path):
+    from rlhf.tracking import keep_steps_until
+
+    path = tmp_path / "samples.jsonl"
+    path.write_text('{"step": 1, "x": 1}\n{"step": 2, "x": 2}\n{"step": 3, "x": 3}\n{"step": 4, "x"')  # killed mid-line
+    keep_steps_until(path, 2)
+    assert path.read_text() == '{"step": 1, "x": 1}\n{"step": 2, "x": 2}\n'
+    keep_steps_until(path, 0)  # a fresh start
+    assert not path.exists()
