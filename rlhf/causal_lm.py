@@ -47,8 +47,8 @@ def last_logits(model, inputs: dict, keep: int, **options):
     else:
         try:
             out = model(**inputs, **options, logits_to_keep=keep)
-        except TypeError:  # a forward that takes neither `logits_to_keep` nor **kwargs
-            if key in _keeps_logits:
+        except TypeError as exc:  # a forward that takes neither `logits_to_keep` nor **kwargs
+            if key in _keeps_logits or "logits_to_keep" not in str(exc):
                 raise
             out = model(**inputs, **options)
             _keeps_logits[key] = False
@@ -69,7 +69,9 @@ def prefill(model, inputs: dict) -> tuple[torch.Tensor, transformers.DynamicCach
         cache = transformers.DynamicCache(config=base_model(model).config)
         try:
             out = last_logits(model, inputs, 1, use_cache=True, **{name: cache})
-        except TypeError:  # a forward without **kwargs that does not take this name
+        except TypeError as exc:  # a forward without **kwargs that does not take this name
+            if name not in str(exc):  # any other TypeError is a real error, not a missing keyword
+                raise
             continue
         # The cache is filled in place; a forward that ignored it (or built its own) left it empty.
         if cache.get_seq_length() == length:

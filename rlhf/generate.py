@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from rlhf.data import Candidate, Candidates, load_prompts, write_jsonl
-from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.encoding import encode_prompts
+from rlhf.models import context_length, load_causal_lm, load_tokenizer
 from rlhf.sampling import SamplingConfig, sample_texts
 
 
@@ -24,6 +25,7 @@ def generate(model: str, prompts: list[str], out: str | Path, num: int, sampling
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model)
     policy = load_causal_lm(model, tokenizer).to(device)
+    records, _ = encode_prompts(tokenizer, records, context_length(policy.config) - sampling.max_new_tokens, skip_invalid=False)
     torch.manual_seed(seed)
     texts = [r.prompt for r in records for _ in range(num)]
     completions = sample_texts(policy, tokenizer, texts, sampling, batch_size, desc="generating")

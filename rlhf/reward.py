@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from rlhf import ops, training
 from rlhf.config import ConfigError, PositiveInt, check_ranges
 from rlhf.data import Comparison, DataError, Rating, keep_valid, load_feedback, load_prompts
-from rlhf.encoding import encode_completion, encode_prompt, pad
+from rlhf.encoding import encode_completion, encode_prompt, encode_prompts, pad
 from rlhf.models import (
     LoraConfig,
     check_generation_room,
@@ -167,10 +167,10 @@ def reference_completions(config: NormalizeConfig, records: list, device, seed: 
     """(prompts, completions) whose scores define the zero of the reward (checklist item 7)."""
     rng = random.Random(seed)
     if config.policy:
-        prompts = [p.prompt for p in load_prompts(config.prompts)]
-        prompts = [rng.choice(prompts) for _ in range(config.num_samples)]
         tokenizer = load_tokenizer(config.policy)
         policy = load_causal_lm(config.policy, tokenizer).to(device)
+        records, _ = encode_prompts(tokenizer, load_prompts(config.prompts), context_length(policy.config) - config.sampling.max_new_tokens, skip_invalid=False)
+        prompts = [rng.choice(records).prompt for _ in range(config.num_samples)]
         completions = sample_texts(policy, tokenizer, prompts, config.sampling, desc="reference samples")
         return prompts, completions
     pairs = [(r.prompt, c) for r in records for c in (r.completions if isinstance(r, Comparison) else [r.completion])]

@@ -98,7 +98,7 @@ def sample_with_logprobs(
     decoder = make_decoder(model, B, ids.shape[1] + T)
     positions = position_ids(mask)
     logits = decoder.prefill(ids, mask, positions)  # (B, V) next-token logits of each prompt; None: no cache filled
-    log_path(model, decoder.path)
+    log_path(model, decoder.path, slow=logits is None)
     if logits is None:
         return generate_with_hf(model, ids, mask, pad_id, eos_id, config, generator)
     next_position = positions[:, -1] + 1
@@ -189,9 +189,9 @@ def generate_with_hf(
     # With a generator, generate's draws come from a seed taken from it, and the default generators
     # are put back as they were.
     seed = None if generator is None else int(torch.randint(2**62, (), generator=generator, device=generator.device))
-    devices = range(torch.cuda.device_count()) if ids.device.type == "cuda" else []
+    devices = [ids.device] if ids.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(list(devices), enabled=seed is not None):
+        with torch.random.fork_rng(devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
@@ -206,14 +206,15 @@ def generate_with_hf(
 _paths_logged: set[tuple[type, type]] = set()
 
 
-def log_path(model, path: str) -> None:
-    """Say, once per model class, which way its samples are computed."""
+def log_path(model, path: str, slow: bool) -> None:
+    """Say, once per model class, which way its samples are computed (a warning for the slow
+    `generate` fallback)."""
     key = causal_lm.model_class(model)
     if key not in _paths_logged:
         _paths_logged.add(key)
         base = causal_lm.base_model(model)
         name = type(base).__name__ if base is model else f"{type(base).__name__} under {type(model).__name__}"
-        log.info("%s: %s", name, path)
+        log.log(logging.WARNING if slow else logging.INFO, "%s: %s", name, path)
 
 
 def make_decoder(model, batch: int, length: int):

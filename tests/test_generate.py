@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -24,3 +25,15 @@ def test_generate_writes_k_candidates_per_prompt(tiny_model_dir, tiny_prompts, t
             assert candidate.model == str(tiny_model_dir)
             assert candidate.sampling == {"temperature": 0.9, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6, "seed": 7}
     assert len({c.completion for r in records for c in r.candidates}) > 64  # sampled, not one greedy answer
+
+
+def test_a_prompt_too_long_for_the_model_is_named_without_a_traceback(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "User: hi\\nAssistant:"}\n' + json.dumps({"prompt": "refund " * 60}) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf", "generate", "--model", str(tiny_model_dir), "--prompts", str(prompts),
+         "--out", str(tmp_path / "c.jsonl"), "--max-new-tokens", "16"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {prompts}:2: field 'prompt':" in result.stderr and "the model allows at most 48" in result.stderr

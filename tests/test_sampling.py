@@ -237,6 +237,30 @@ def test_a_model_the_sampler_cannot_drive_falls_back_to_generate(caplog, monkeyp
     assert (mask == 0).any() and (samples.logprobs[mask == 0] == 0).all()  # some responses ended early
 
 
+def test_the_fallback_restricts_sampling_by_top_k():
+    # top_k = 1 leaves the most likely token alone: the fallback's samples are the greedy ones.
+    model, batch = no_cache_gpt2(), prompts(16)
+    torch.manual_seed(0)
+    top1 = sample(model, batch, PAD, EOS, SamplingConfig(temperature=1.0, top_k=1, max_new_tokens=12))[0]
+    greedy = sample(model, batch, PAD, EOS, SamplingConfig(temperature=0.0, max_new_tokens=12))[0]
+    assert torch.equal(top1, greedy)
+
+
+class FailingForward(GPT2LMHeadModel):
+    """A causal LM whose forward fails with a TypeError of its own (a bug) whenever it is given a cache."""
+
+    def forward(self, *args, **kwargs):
+        if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
+            raise TypeError("unsupported operand type(s) for +: 'Tensor' and 'NoneType'")
+        return super().forward(*args, **kwargs)
+
+
+def test_a_type_error_inside_the_forward_is_raised_not_taken_for_a_missing_keyword():
+    # Taken for "this keyword is unknown", it would send every rollout to the slow fallback.
+    with pytest.raises(TypeError, match="unsupported operand"):
+        sample(FailingForward(gpt2().config).eval(), prompts(), PAD, EOS, SamplingConfig(max_new_tokens=4))
+
+
 def generate_with_own_config(model, batch: list[list[int]], config: SamplingConfig) -> list[list[int]]:
     """What `model.generate` samples with the checkpoint's generation_config under the test's settings."""
     ids, mask = pad(batch, PAD, side="left")
