@@ -293,10 +293,8 @@ def load_recipe(cls: type, path: str | Path | None, overrides: list[str] = ()) -
 def describe(config: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(dotted key, default, allowed range or "", help) for every leaf field of a config, for `--help`.
 
-    `config` is a config instance, or a dataclass whose defaults are wanted; nested sections
-    are read from the instance, so a stage's own defaults for them are the ones shown."""
-    if isinstance(config, type):
-        config = config()
+    Nested sections are read from the instance, so a stage's own defaults for them (a default
+    instance's) are the ones shown."""
     docs = field_docs(type(config))
     hints = typing.get_type_hints(type(config), include_extras=True)
     rows = []

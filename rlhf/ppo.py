@@ -55,7 +55,7 @@ class PromptData:
     train: list[str] = field(default_factory=list)
     """Prompt files or hub datasets ({prompt})."""
     skip_invalid: bool = False
-    """Skip malformed records (and report how many) instead of stopping at the first."""
+    """Skip malformed records and records too long for the model (and report how many) instead of stopping at the first."""
 
 
 @dataclass

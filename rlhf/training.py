@@ -42,7 +42,7 @@ class DataConfig:
     max_length: PositiveInt = 512
     """Longest prompt + completion in tokens (capped by the model's context)."""
     skip_invalid: bool = False
-    """Skip malformed records (and report how many) instead of stopping at the first."""
+    """Skip malformed records and records too long for the model (and report how many) instead of stopping at the first."""
 
 
 @dataclass

@@ -175,7 +175,7 @@ def test_unknown_key_in_the_file_names_the_file(tmp_path):
 
 
 def test_help_comes_from_field_docstrings():
-    rows = {key: (default, allowed, doc) for key, default, allowed, doc in describe(SFTConfig, "sft.")}
+    rows = {key: (default, allowed, doc) for key, default, allowed, doc in describe(SFTConfig(), "sft.")}
     assert rows["sft.optim.lr"] == ("0.0003", "> 0", "Peak learning rate (AdamW).")
     assert rows["sft.lora.r"] == ("16", ">= 1", "Adapter rank.")
     assert all(doc for *_, doc in rows.values()), [k for k, (*_, d) in rows.items() if not d]
