@@ -23,7 +23,7 @@ from rlhf.config import ConfigError, NonNegativeInt, PositiveInt, check_ranges
 from rlhf.data import load_prompts
 from rlhf.encoding import encode_prompts, pad
 from rlhf.models import check_generation_room, check_model_path, context_length, load_causal_lm, load_tokenizer
-from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample
+from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample_with_logprobs
 from rlhf.scoring import FunctionScore, RewardSourceConfig, check_reward_path, check_reward_source, load_function, load_reward_source
 from rlhf.tracking import read_metrics
 
@@ -82,10 +82,10 @@ def sample_policy(path: str, reference, tokenizer, prompts: list[list[int]], con
     torch.manual_seed(config.seed)
     for i in range(0, len(prompts), config.batch_size):
         batch = prompts[i : i + config.batch_size]
-        responses, done = sample(policy, batch, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
+        samples = sample_with_logprobs(policy, batch, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
+        responses, done, logprobs = samples.responses, samples.ended, samples.logprobs  # log-probs at the temperature, 0 after EOS
         mask = response_mask(responses, tokenizer.eos_token_id)
         query, query_mask = pad(batch, tokenizer.pad_token_id, side="left")
-        logprobs = response_logprobs(policy, query, query_mask, responses, mask, temperature)
         ref_logprobs = response_logprobs(reference, query, query_mask, responses, mask, temperature)
         kls.append(((logprobs - ref_logprobs) * mask).sum(-1))
         lengths.append(mask.sum(-1))
