@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny tokenizer and GPT-2 model built locally in a second, and small data."""
+"""Shared fixtures: a tiny tokenizer and GPT-2 model built locally in a second, a tiny chat
+tokenizer with a Qwen-style template, and small data."""
 
 from __future__ import annotations
 
@@ -63,6 +64,38 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# The shape of Qwen2.5's template: a turn is "<|im_start|>role\ncontent<|im_end|>\n".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_TEXTS = ["hello", "hello world", "how do I get a refund?", "thanks", "user", "assistant", "system"]
+
+
+def chat_tokenizer():
+    """A Qwen2 tokenizer over a byte-level BPE trained on a few words: EOS <|endoftext|>, turns
+    closed by <|im_end|>, no pad token (the class transformers loads for a Qwen2 checkpoint)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(CHAT_TEXTS * 10, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], eos_token="<|endoftext|>", pad_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def chat_prompt(text: str) -> str:
+    """A user turn and the start of the assistant's, as the chat template renders them."""
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="session")
