@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 from rlhf.data import load_candidates
+from rlhf.generate import generate
+from rlhf.sampling import SamplingConfig
 
 
 def test_generate_writes_k_candidates_per_prompt(tiny_model_dir, tiny_prompts, tmp_path):
@@ -24,3 +26,10 @@ def test_generate_writes_k_candidates_per_prompt(tiny_model_dir, tiny_prompts, t
             assert candidate.model == str(tiny_model_dir)
             assert candidate.sampling == {"temperature": 0.9, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6, "seed": 7}
     assert len({c.completion for r in records for c in r.candidates}) > 64  # sampled, not one greedy answer
+
+
+def test_candidates_end_at_the_chat_templates_end_of_turn(chat_model_dir, chat_prompts, tmp_path):
+    # The model answers <|im_end|> (after "hello" to the last prompt), then " world": past the end
+    # of turn the text would read " world world ...".
+    generate(str(chat_model_dir), [str(chat_prompts)], tmp_path / "candidates.jsonl", 2, SamplingConfig(temperature=1.0, max_new_tokens=8))
+    assert [c.completion for r in load_candidates(tmp_path / "candidates.jsonl") for c in r.candidates] == [""] * 6 + ["hello"] * 2
