@@ -14,7 +14,7 @@ LoRA adapters) steps through its own modules over a preallocated cache (`GPT2Dec
 per-token cost of a general forward pass would dominate at small sizes; another causal LM steps
 through its forward over a `DynamicCache` (`CacheDecoder`; `rlhf/causal_lm.py` finds how that
 forward takes a cache). A model whose forward fills no cache falls back to `generate`, set up from
-`SamplingConfig` and `stop_ids` alone (nothing of the checkpoint's generation_config), with log-probs computed from
+`SamplingConfig` and `stop_ids` alone (nothing else of the checkpoint's generation_config), with log-probs computed from
 the logits it returns. Which path a model class takes is logged once (INFO, `rlhf.sampling`).
 
 Randomness: each step draws one uniform number per sequence of the batch (finished or not) from
@@ -173,7 +173,8 @@ def generate_with_hf(
     model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, stop_ids: list[int], config: SamplingConfig, generator: torch.Generator | None
 ) -> Samples:
     """`transformers` generate, for the models the sampler's own loop cannot drive, sampling from
-    `config` alone; the log-probs are those `draw` gives, from the unprocessed logits."""
+    `config` and stopping at `stop_ids` alone; the log-probs are those `draw` gives, from the
+    unprocessed logits."""
     from transformers import GenerationConfig
 
     greedy = config.temperature == 0
