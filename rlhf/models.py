@@ -132,6 +132,7 @@ def stop_token_ids(tokenizer, model_or_generation_config=None) -> list[int]:
 
 
 _TURN_MARK = "Sure"  # the assistant's content in the probe conversation, a word no template rewrites
+_refusing_templates: set[str] = set()
 
 
 def turn_end_ids(tokenizer) -> list[int]:
@@ -144,7 +145,9 @@ def turn_end_ids(tokenizer) -> list[int]:
     try:
         text = tokenizer.apply_chat_template(conversation, tokenize=False)
     except Exception as error:  # a template may refuse the probe (a required system turn, ...)
-        log.warning("the chat template does not render a user and an assistant turn (%s); no end-of-turn token taken from it", error)
+        if str(tokenizer.chat_template) not in _refusing_templates:  # said once: PPO asks at every step
+            _refusing_templates.add(str(tokenizer.chat_template))
+            log.warning("the chat template does not render a user and an assistant turn (%s); no end-of-turn token taken from it", error)
         return []
     if _TURN_MARK not in text:
         return []

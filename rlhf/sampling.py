@@ -54,14 +54,9 @@ class SamplingConfig:
     """Longest response; one that reaches it without EOS is truncated."""
 
 
-def is_stop(tokens: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
-    """A bool tensor of the shape of `tokens`: True on the ids of `stop_ids`."""
-    return torch.isin(tokens, torch.as_tensor(stop_ids, dtype=tokens.dtype, device=tokens.device))
-
-
 def truncate_at_eos(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad everything after the first EOS of each row (B, T); also return (B,) whether EOS occurred."""
-    is_eos = is_stop(responses, stop_ids)
+    is_eos = torch.isin(responses, torch.as_tensor(stop_ids, dtype=torch.long, device=responses.device))
     ended = is_eos.any(-1)
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
     return responses.masked_fill(after, pad_id), ended
@@ -69,7 +64,7 @@ def truncate_at_eos(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -
 
 def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """(B, T) 1 on response tokens up to and including the first EOS, 0 after (checklist item 3)."""
-    is_eos = is_stop(responses, stop_ids).long()
+    is_eos = torch.isin(responses, torch.as_tensor(stop_ids, dtype=torch.long, device=responses.device)).long()
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
