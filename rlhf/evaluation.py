@@ -4,9 +4,9 @@
 
 For the reference and each policy: mean reward-model score, gold score and win-rate when an
 oracle is configured, win-rate against the reference by the reward model, KL to the reference,
-response length and the fraction of responses that end with EOS (any of the policy's stop tokens:
-`rlhf.models.stop_token_ids`). The plots show a PPO run's
-score, KL, entropy and value loss against steps, and score histograms before and after.
+response length and the fraction of responses that end with EOS (any of the policy's stop
+tokens: `rlhf.models.stop_token_ids`). The plots show a PPO run's score, KL, entropy and value
+loss against steps, and score histograms before and after.
 """
 
 from __future__ import annotations
