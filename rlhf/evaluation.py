@@ -4,8 +4,9 @@
 
 For the reference and each policy: mean reward-model score, gold score and win-rate when an
 oracle is configured, win-rate against the reference by the reward model, KL to the reference,
-response length and the fraction of responses that end with EOS. The plots show a PPO run's
-score, KL, entropy and value loss against steps, and score histograms before and after.
+response length and the fraction of responses that end with EOS (any of the policy's stop
+tokens: `rlhf.models.stop_token_ids`). The plots show a PPO run's score, KL, entropy and value
+loss against steps, and score histograms before and after.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from rlhf.config import ConfigError, NonNegativeInt, PositiveInt, check_ranges
 from rlhf.data import load_prompts
 from rlhf.encoding import encode_prompts, pad
-from rlhf.models import check_generation_room, check_model_path, context_length, load_causal_lm, load_tokenizer
+from rlhf.models import check_generation_room, check_model_path, context_length, load_causal_lm, load_tokenizer, stop_token_ids
 from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample_with_logprobs
 from rlhf.scoring import FunctionScore, RewardSourceConfig, check_reward_path, check_reward_source, load_function, load_reward_source
 from rlhf.tracking import read_metrics
@@ -63,8 +64,8 @@ class PolicySamples:
     scores: torch.Tensor  # (N,) reward-model scores
     gold: torch.Tensor | None  # (N,) oracle scores
     kl: torch.Tensor  # (N,) sum over tokens of log pi - log pi_ref on the policy's own samples
-    lengths: torch.Tensor  # (N,) response tokens up to and including EOS
-    ended: torch.Tensor  # (N,) emitted EOS
+    lengths: torch.Tensor  # (N,) response tokens up to and including the first stop token
+    ended: torch.Tensor  # (N,) emitted a stop token (EOS, end of turn)
 
 
 def win_rate(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -77,14 +78,15 @@ def win_rate(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 def sample_policy(path: str, reference, tokenizer, prompts: list[list[int]], config: EvalConfig, device) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Completions, KL to the reference, lengths and EOS flags of one policy on the prompts."""
     policy = load_causal_lm(path, tokenizer).to(device).eval()
+    stop_ids = stop_token_ids(tokenizer, policy)
     temperature = config.generation.temperature or 1.0
     completions, kls, lengths, ended = [], [], [], []
     torch.manual_seed(config.seed)
     for i in range(0, len(prompts), config.batch_size):
         batch = prompts[i : i + config.batch_size]
-        samples = sample_with_logprobs(policy, batch, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
-        responses, done, logprobs = samples.responses, samples.ended, samples.logprobs  # log-probs at the temperature, 0 after EOS
-        mask = response_mask(responses, tokenizer.eos_token_id)
+        samples = sample_with_logprobs(policy, batch, tokenizer.pad_token_id, stop_ids, config.generation)
+        responses, done, logprobs = samples.responses, samples.ended, samples.logprobs  # log-probs at the temperature, 0 after the stop
+        mask = response_mask(responses, stop_ids)
         query, query_mask = pad(batch, tokenizer.pad_token_id, side="left")
         ref_logprobs = response_logprobs(reference, query, query_mask, responses, mask, temperature)
         kls.append(((logprobs - ref_logprobs) * mask).sum(-1))

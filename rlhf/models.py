@@ -2,7 +2,9 @@
 
 The rules that every stage shares live here: a tokenizer always has a pad token distinct from
 EOS (checklist item 1), position ids follow left padding (item 2), a fresh reward head is
-initialised N(0, 1/sqrt(d+1)) (item 7), and a saved model loads back with plain transformers.
+initialised N(0, 1/sqrt(d+1)) (item 7), a response ends at any of the model's stop tokens
+(`stop_token_ids`: EOS, the chat template's end of turn, the generation config's EOS ids, which
+loading and saving keep), and a saved model loads back with plain transformers.
 `check_model_path` refuses a name that reads as a local path and does not exist, before
 transformers would send it to the hub; every stage calls it before loading anything.
 """
@@ -83,14 +85,80 @@ def load_tokenizer(name: str, require_eos: bool = True):
 
 
 def _fit_vocab(model, tokenizer) -> None:
+    """Room for the tokenizer's added tokens, its pad id, and its EOS among the model's: an EOS list
+    in the config or generation config (Llama-3's [eos, eot]) is kept, the tokenizer's id added."""
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.eos_token_id is not None:
-        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.eos_token_id = _with_id(getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id)
     if getattr(model, "generation_config", None) is not None and tokenizer.eos_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.eos_token_id = _with_id(model.generation_config.eos_token_id, tokenizer.eos_token_id)
+
+
+def _with_id(ids: int | list[int] | None, new: int) -> int | list[int]:
+    """`ids` (an int, a list or None) with `new` appended where it is missing, in their order."""
+    present = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if new in present:
+        return ids
+    return new if not present else present + [new]
+
+
+def stop_token_ids(tokenizer, model_or_generation_config=None) -> list[int]:
+    """The token ids at which a response ends, sorted and unique: the union of
+
+    - the `eos_token_id` of the model's generation config (an int or a list), what `generate`
+      stops at for the checkpoint: Qwen2.5-Instruct lists `<|im_end|>` and `<|endoftext|>`,
+      Llama-3.1-Instruct `<|end_of_text|>`, `<|eom_id|>` and `<|eot_id|>`. Pass the model (its
+      `generation_config` is read; peft models pass it through) or a GenerationConfig; None: none.
+    - the tokenizer's `eos_token_id`, the token that closes every SFT target (rlhf/encoding.py).
+    - the special token(s) that close an assistant turn of the tokenizer's chat template, where it
+      has one (`turn_end_ids`): a Qwen base model's tokenizer has eos `<|endoftext|>` and ends its
+      turns with `<|im_end|>`.
+
+    The pad token is never in the set: padding fills a response after its end and must not read
+    as one (checklist item 1). A checkpoint that lists its pad token among its EOS ids stops at
+    the others.
+    """
+    config = getattr(model_or_generation_config, "generation_config", model_or_generation_config)
+    listed = getattr(config, "eos_token_id", None)
+    ids = set([listed] if isinstance(listed, int) else listed or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    ids |= set(turn_end_ids(tokenizer))
+    ids.discard(tokenizer.pad_token_id)
+    return sorted(ids)
+
+
+_TURN_MARK = "Sure"  # the assistant's content in the probe conversation, a word no template rewrites
+_refusing_templates: set[str] = set()
+
+
+def turn_end_ids(tokenizer) -> list[int]:
+    """The special tokens (those decoding skips) that a tokenizer's chat template puts right after
+    an assistant turn's content (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`; whitespace before
+    them is passed over), found by rendering a one-turn conversation; [] without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    conversation = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _TURN_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception as error:  # a template may refuse the probe (a required system turn, ...)
+        if str(tokenizer.chat_template) not in _refusing_templates:  # said once: PPO asks at every step
+            _refusing_templates.add(str(tokenizer.chat_template))
+            log.warning("the chat template does not render a user and an assistant turn (%s); no end-of-turn token taken from it", error)
+        return []
+    if _TURN_MARK not in text:
+        return []
+    tail = text[text.rindex(_TURN_MARK) + len(_TURN_MARK) :].lstrip()
+    special = set(tokenizer.all_special_ids) | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    ends = []
+    for token in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if token not in special:
+            break
+        ends.append(token)
+    return ends
 
 
 def load_causal_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32):

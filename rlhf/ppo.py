@@ -41,6 +41,7 @@ from rlhf.models import (
     position_ids,
     save_model,
     score_head,
+    stop_token_ids,
 )
 from rlhf.sampling import SamplingConfig, response_mask, sample_with_logprobs
 from rlhf.scoring import RewardSourceConfig, check_reward_path, check_reward_source, load_reward_source
@@ -105,7 +106,7 @@ class PPOAlgoConfig:
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance per batch (their mean is kept)."""
     missing_eos_penalty: float = -1.0
-    """Score given to a response that never emits EOS (0 turns the penalty off)."""
+    """Score given to a response that never emits a stop token, EOS or end of turn (0 turns the penalty off)."""
     score_clip: NonNegative = 0.0
     """Clip scores to [-score_clip, score_clip] (0: no clipping)."""
 
@@ -171,9 +172,9 @@ class Rollout:
 
     query: torch.Tensor  # (B, P) prompt ids, left-padded
     query_mask: torch.Tensor  # (B, P) 1 on prompt tokens
-    responses: torch.Tensor  # (B, T) sampled ids, pad after the first EOS
-    mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first EOS
-    ended: torch.Tensor  # (B,) True where the response emitted EOS
+    responses: torch.Tensor  # (B, T) sampled ids, pad after the first stop token (EOS, end of turn)
+    mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first stop token
+    ended: torch.Tensor  # (B,) True where the response emitted a stop token
     logprobs: torch.Tensor = None  # (B, T) log-probs of the sampled tokens under the policy that sampled them
     ref_logprobs: torch.Tensor = None  # (B, T) the same under the reference
     values: torch.Tensor = None  # (B, T) V(s_t), the state before response token t
@@ -303,16 +304,18 @@ def rollout(
 @torch.no_grad()
 def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, device, bf16: bool, generator: torch.Generator | None = None) -> Rollout:
     """A Rollout holding the left-padded prompts, the sampled responses with their masks, and the
-    log-probs of sampling where they are the policy's own (checklist item 18).
+    log-probs of sampling where they are the policy's own (checklist item 18). A response ends at
+    its first stop token of the policy (`stop_token_ids`: EOS, end of turn, generation_config).
 
     The sampler runs in the weights' precision (fp32); its log-probs then match a forward pass of
     the policy to about 1e-5 (tests/test_sampling.py) and save one. Under bf16 autocast the
     training passes see other numbers, so the log-probs are recomputed in bf16 instead.
     """
-    samples = sample_with_logprobs(policy, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation, generator)
+    stop_ids = stop_token_ids(tokenizer, policy)
+    samples = sample_with_logprobs(policy, prompts, tokenizer.pad_token_id, stop_ids, config.generation, generator)
     query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
     responses = samples.responses.to(device)
-    batch = Rollout(query.to(device), query_mask.to(device), responses, response_mask(responses, tokenizer.eos_token_id), samples.ended.to(device))
+    batch = Rollout(query.to(device), query_mask.to(device), responses, response_mask(responses, stop_ids), samples.ended.to(device))
     if not bf16:
         batch.logprobs = samples.logprobs.to(device)
     return batch
@@ -320,8 +323,9 @@ def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, dev
 
 @torch.no_grad()
 def score(batch: Rollout, texts: list[str], reward_source, tokenizer, config: PPOConfig) -> list[str]:
-    """Score the decoded completions into `batch.raw_scores` and `batch.scores` (after the missing-EOS
-    penalty and clipping); returns the completions."""
+    """Score the decoded completions (each up to its first stop token, special tokens skipped) into
+    `batch.raw_scores` and `batch.scores` (after the missing-EOS penalty and clipping); returns the
+    completions."""
     pad_id = tokenizer.pad_token_id
     completions = tokenizer.batch_decode(batch.responses * batch.mask + pad_id * (1 - batch.mask), skip_special_tokens=True)
     batch.raw_scores = reward_source(texts, completions).to(batch.responses.device)

@@ -1,8 +1,11 @@
 """Sampling completions: left-padded prompt batches, temperature / top-p / top-k, stop at EOS.
 
-`sample` returns response token ids (B, T) in which everything after a sequence's first EOS is
-padding, and a (B,) flag telling which responses ended with EOS; `sample_with_logprobs` also
-returns the log-probs of the sampled tokens, which PPO uses instead of a second forward pass.
+A response ends at its first stop token: any id of `stop_ids`, which callers take from
+`rlhf.models.stop_token_ids` (the tokenizer's EOS, the chat template's end of turn, the
+checkpoint's generation_config EOS ids). "EOS" below means any of them. `sample` returns response
+token ids (B, T) in which everything after a sequence's first EOS is padding, and a (B,) flag
+telling which responses ended with EOS; `sample_with_logprobs` also returns the log-probs of the
+sampled tokens, which PPO uses instead of a second forward pass.
 
 The sampler runs its own loop over a KV cache: the prompt is computed once, each step feeds one
 token per unfinished sequence, finished sequences leave the batch (once they are a quarter of
@@ -11,7 +14,7 @@ LoRA adapters) steps through its own modules over a preallocated cache (`GPT2Dec
 per-token cost of a general forward pass would dominate at small sizes; another causal LM steps
 through its forward over a `DynamicCache` (`CacheDecoder`; `rlhf/causal_lm.py` finds how that
 forward takes a cache). A model whose forward fills no cache falls back to `generate`, set up from
-`SamplingConfig` alone (nothing of the checkpoint's generation_config), with log-probs computed from
+`SamplingConfig` and `stop_ids` alone (nothing else of the checkpoint's generation_config), with log-probs computed from
 the logits it returns. Which path a model class takes is logged once (INFO, `rlhf.sampling`).
 
 Randomness: each step draws one uniform number per sequence of the batch (finished or not) from
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 from rlhf import causal_lm
 from rlhf.config import NonNegative, NonNegativeInt, PositiveInt, Probability
 from rlhf.encoding import pad
-from rlhf.models import position_ids
+from rlhf.models import position_ids, stop_token_ids
 from rlhf.ops import logprobs_from_logits
 
 log = logging.getLogger(__name__)
@@ -51,17 +54,17 @@ class SamplingConfig:
     """Longest response; one that reaches it without EOS is truncated."""
 
 
-def truncate_at_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def truncate_at_eos(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad everything after the first EOS of each row (B, T); also return (B,) whether EOS occurred."""
-    is_eos = responses == eos_id
+    is_eos = torch.isin(responses, torch.as_tensor(stop_ids, dtype=torch.long, device=responses.device))
     ended = is_eos.any(-1)
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
     return responses.masked_fill(after, pad_id), ended
 
 
-def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """(B, T) 1 on response tokens up to and including the first EOS, 0 after (checklist item 3)."""
-    is_eos = (responses == eos_id).long()
+    is_eos = torch.isin(responses, torch.as_tensor(stop_ids, dtype=torch.long, device=responses.device)).long()
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()
 
 
@@ -76,16 +79,16 @@ class Samples:
 
 @torch.no_grad()
 def sample(
-    model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None = None
+    model, prompts: list[list[int]], pad_id: int, stop_ids: list[int], config: SamplingConfig, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one response per prompt; returns (responses, ended_with_eos)."""
-    samples = sample_with_logprobs(model, prompts, pad_id, eos_id, config, generator)
+    """Sample one response per prompt, each ending at its first id of `stop_ids`; returns (responses, ended_with_eos)."""
+    samples = sample_with_logprobs(model, prompts, pad_id, stop_ids, config, generator)
     return samples.responses, samples.ended
 
 
 @torch.no_grad()
 def sample_with_logprobs(
-    model, prompts: list[list[int]], pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None = None
+    model, prompts: list[list[int]], pad_id: int, stop_ids: list[int], config: SamplingConfig, generator: torch.Generator | None = None
 ) -> Samples:
     """Sample one response per prompt, with the log-probs of the sampled tokens (see the module doc).
 
@@ -100,7 +103,8 @@ def sample_with_logprobs(
     logits = decoder.prefill(ids, mask, positions)  # (B, V) next-token logits of each prompt; None: no cache filled
     log_path(model, decoder.path, slow=logits is None)
     if logits is None:
-        return generate_with_hf(model, ids, mask, pad_id, eos_id, config, generator)
+        return generate_with_hf(model, ids, mask, pad_id, stop_ids, config, generator)
+    stops = torch.as_tensor(stop_ids, dtype=torch.long, device=device)
     next_position = positions[:, -1] + 1
     stream = generator.device if generator is not None else device
     responses = torch.full((B, T), pad_id, dtype=torch.long, device=device)
@@ -112,7 +116,7 @@ def sample_with_logprobs(
         tokens, token_logprobs = draw(logits, uniform[rows], config)
         responses[rows, t] = tokens.masked_fill(finished, pad_id)
         logprobs[rows, t] = token_logprobs.masked_fill(finished, 0.0)
-        finished = finished | (tokens == eos_id)
+        finished = finished | torch.isin(tokens, stops)
         done = int(finished.sum())
         if done == len(rows) or t == T - 1:
             break
@@ -123,7 +127,7 @@ def sample_with_logprobs(
             rows, tokens, finished = rows[keep], tokens[keep], finished[keep]
         logits = decoder.step(tokens, next_position[rows] + t)
     responses, logprobs = responses[:, : t + 1], logprobs[:, : t + 1]
-    return Samples(responses, (responses == eos_id).any(-1), logprobs)
+    return Samples(responses, torch.isin(responses, stops).any(-1), logprobs)
 
 
 def draw(logits: torch.Tensor, uniform: torch.Tensor, config: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +165,11 @@ def restrict(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def generate_with_hf(
-    model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, eos_id: int, config: SamplingConfig, generator: torch.Generator | None
+    model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, stop_ids: list[int], config: SamplingConfig, generator: torch.Generator | None
 ) -> Samples:
     """`transformers` generate, for the models the sampler's own loop cannot drive, sampling from
-    `config` alone; the log-probs are those `draw` gives, from the unprocessed logits."""
+    `config` and stopping at `stop_ids` alone; the log-probs are those `draw` gives, from the
+    unprocessed logits."""
     from transformers import GenerationConfig
 
     greedy = config.temperature == 0
@@ -175,7 +180,7 @@ def generate_with_hf(
         top_k=None if greedy else config.top_k,
         max_new_tokens=config.max_new_tokens,
         pad_token_id=pad_id,
-        eos_token_id=eos_id,
+        eos_token_id=[int(i) for i in stop_ids] or None,
         use_cache=False,  # generate hands its cache to the forward as the sampler does: it would stay empty
         output_logits=True,
         return_dict_in_generate=True,
@@ -197,10 +202,10 @@ def generate_with_hf(
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
     finally:
         base.generation_config = own
-    responses, ended = truncate_at_eos(output.sequences[:, ids.shape[1] :], eos_id, pad_id)
+    responses, ended = truncate_at_eos(output.sequences[:, ids.shape[1] :], stop_ids, pad_id)
     logits = torch.stack(output.logits, 1)  # (B, T, V), before generate's temperature, top-k and top-p
     logprobs = logprobs_from_logits(logits, responses, config.temperature or 1.0)
-    return Samples(responses, ended, logprobs.masked_fill(response_mask(responses, eos_id) == 0, 0.0))
+    return Samples(responses, ended, logprobs.masked_fill(response_mask(responses, stop_ids) == 0, 0.0))
 
 
 _paths_logged: set[tuple[type, type]] = set()
@@ -322,13 +327,14 @@ class GPT2Decoder:
 
 
 def sample_texts(model, tokenizer, prompts: list[str], config: SamplingConfig, batch_size: int = 32, desc: str = "sampling") -> list[str]:
-    """One completion per prompt, decoded without special tokens."""
+    """One completion per prompt, up to the model's first stop token, decoded without special tokens."""
     texts: list[str] = []
+    stop_ids = stop_token_ids(tokenizer, model)
     was_training = model.training
     model.eval()
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, dynamic_ncols=True):
         batch = [tokenizer(p)["input_ids"] for p in prompts[i : i + batch_size]]
-        responses, _ = sample(model, batch, tokenizer.pad_token_id, tokenizer.eos_token_id, config)
+        responses, _ = sample(model, batch, tokenizer.pad_token_id, stop_ids, config)
         texts.extend(tokenizer.batch_decode(responses, skip_special_tokens=True))
     model.train(was_training)
     return texts

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny tokenizer and GPT-2 model built locally in a second, and small data."""
+"""Shared fixtures: a tiny tokenizer and GPT-2 model built locally in a second, a tiny chat model
+with a Qwen-style template, and small data."""
 
 from __future__ import annotations
 
@@ -63,6 +64,85 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# The shape of Qwen2.5's template: a turn is "<|im_start|>role\ncontent<|im_end|>\n".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT_TEXTS = ["hello", "hello world", "how do I get a refund?", "thanks", "user", "assistant", "system"]
+
+
+def chat_tokenizer():
+    """A Qwen2 tokenizer over a byte-level BPE trained on a few words: EOS <|endoftext|>, turns
+    closed by <|im_end|>, no pad token (the class transformers loads for a Qwen2 checkpoint)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(CHAT_TEXTS * 10, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], eos_token="<|endoftext|>", pad_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def chat_prompt(text: str) -> str:
+    """A user turn and the start of the assistant's, as the chat template renders them."""
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Qwen2 that answers a prompt with <|im_end|>, the chat template's end of turn, and
+    says " world" after it; a prompt that ends in "assistant" (no newline after it) it answers
+    with "hello" first. Its tokenizer's EOS and its generation config's are <|endoftext|> (as a
+    Qwen base model's), so only the template says that <|im_end|> ends a reply.
+
+    The layers add nothing to the residual stream (zero output projections) and the embeddings
+    are three unit vectors, one for <|im_end|>, one for "assistant" and one for every other token,
+    so the logits depend on the last token alone: 10 * sqrt(32) ~ 57 nats on its successor, 0
+    elsewhere."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = chat_tokenizer()
+    eos, turn_end, world, assistant, hello = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "Ġworld", "assistant", "hello"])
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=None, eos_token_id=eos,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embeddings.zero_()
+        embeddings[:, 0] = 1.0
+        embeddings[turn_end], embeddings[assistant] = torch.eye(32)[1], torch.eye(32)[2]
+        head.zero_()
+        head[turn_end, 0], head[world, 1], head[hello, 2] = 10.0, 10.0, 10.0  # ("assistant" -> "hello" ->) <|im_end|> -> " world"
+    model.generation_config = GenerationConfig(eos_token_id=eos)
+    path = tmp_path_factory.mktemp("chat") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_prompts(tmp_path_factory) -> Path:
+    """Four prompts for `chat_model_dir`: three answered by <|im_end|>, the last by "hello<|im_end|>"."""
+    root = tmp_path_factory.mktemp("chat_prompts")
+    prompts = [chat_prompt(t) for t in ("hello", "how do I get a refund?", "thanks")] + [chat_prompt("hello world").rstrip("\n")]
+    return write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in prompts])
 
 
 @pytest.fixture(scope="session")

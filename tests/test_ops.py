@@ -201,10 +201,10 @@ def test_eos_mask_off_by_one():
 
     eos, pad = 0, 9
     responses = torch.tensor([[5, 0, 7, 0], [5, 6, 7, 8], [0, 3, 3, 3]])
-    truncated, ended = truncate_at_eos(responses, eos, pad)
+    truncated, ended = truncate_at_eos(responses, [eos], pad)
     assert truncated.tolist() == [[5, 0, 9, 9], [5, 6, 7, 8], [0, 9, 9, 9]]
     assert ended.tolist() == [True, False, True]
-    mask = response_mask(truncated, eos)
+    mask = response_mask(truncated, [eos])
     # the EOS itself is in (its log-prob is trained and the score sits on it), the token after is out
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     rewards, _ = ops.kl_shaped_rewards(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3, 4), torch.zeros(3, 4), mask.float(), beta=0.1)

@@ -18,11 +18,12 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from rlhf import causal_lm, sampling
 from rlhf.encoding import pad
-from rlhf.models import LoraConfig, add_lora, position_ids
+from rlhf.models import LoraConfig, add_lora, position_ids, stop_token_ids
 from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample, sample_with_logprobs
 
 EOS, PAD = 0, 1
-VOCAB = 24  # small, so that EOS comes up and sequences end at different steps
+STOPS = [EOS, 4]  # two stop tokens, as a chat model's EOS and end of turn
+VOCAB = 24  # small, so that stop tokens come up and sequences end at different steps
 
 # The sampler's log-probs come from a cached decoding pass, the training pass's from the whole
 # sequence at once: the same arithmetic in another order. Measured differences are below 1e-6
@@ -66,11 +67,16 @@ def plain_sample(model, prompts: list[list[int]], config: SamplingConfig) -> lis
                 token = plain_draw(logits[i], uniform[i].item(), config)
                 responses[i].append(token)
                 sequences[i].append(token)
-                done[i] = token == EOS
+                done[i] = token in STOPS
         if all(done):
             break
     width = max(len(r) for r in responses)
     return [r + [PAD] * (width - len(r)) for r in responses]
+
+
+def first_stop(row: list[int]) -> int | None:
+    """The index of the first stop token of a response, None where it has none."""
+    return next((i for i, token in enumerate(row) if token in STOPS), None)
 
 
 def gpt2(vocab: int = VOCAB):
@@ -140,12 +146,13 @@ def test_same_seed_same_tokens_as_a_plain_sampler(name, setting):
     torch.manual_seed(7)
     expected = plain_sample(model, batch, config)
     torch.manual_seed(7)
-    samples = sample_with_logprobs(model, batch, PAD, EOS, config)
+    samples = sample_with_logprobs(model, batch, PAD, STOPS, config)
     assert samples.responses.tolist() == expected
-    assert samples.ended.tolist() == [EOS in row for row in expected]
-    if setting == "t1":  # sequences ended at different steps, so finished rows left the batch
-        lengths = response_mask(samples.responses, EOS).sum(-1)
+    assert samples.ended.tolist() == [first_stop(row) is not None for row in expected]
+    if setting == "t1":  # sequences ended at different steps, at either stop token, so finished rows left the batch
+        lengths = response_mask(samples.responses, STOPS).sum(-1)
         assert samples.ended.any() and len(set(lengths.tolist())) > 2
+        assert {row[first_stop(row)] for row in expected if first_stop(row) is not None} == set(STOPS)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -153,9 +160,9 @@ def test_logprobs_match_a_teacher_forced_forward_pass(name):
     model, batch = MODELS[name](vocab=400), prompts(16, vocab=400)
     config = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=24)
     torch.manual_seed(0)
-    samples = sample_with_logprobs(model, batch, PAD, EOS, config)
+    samples = sample_with_logprobs(model, batch, PAD, STOPS, config)
     query, query_mask = pad(batch, PAD, side="left")
-    mask = response_mask(samples.responses, EOS)
+    mask = response_mask(samples.responses, STOPS)
     forced = response_logprobs(model, query, query_mask, samples.responses, mask, config.temperature)
     torch.testing.assert_close(samples.logprobs * mask, forced * mask, atol=LOGPROB_TOLERANCE, rtol=0)
     assert (samples.logprobs[mask == 0] == 0).all()
@@ -164,13 +171,13 @@ def test_logprobs_match_a_teacher_forced_forward_pass(name):
 def test_the_contract_of_sample_holds():
     model = gpt2()
     torch.manual_seed(5)
-    responses, ended = sample(model, prompts(), PAD, EOS, SamplingConfig(temperature=1.0, max_new_tokens=30))
+    responses, ended = sample(model, prompts(), PAD, STOPS, SamplingConfig(temperature=1.0, max_new_tokens=30))
     for row, did_end in zip(responses.tolist(), ended.tolist()):
-        assert did_end == (EOS in row)
+        assert did_end == (first_stop(row) is not None)
         if did_end:
-            assert all(t == PAD for t in row[row.index(EOS) + 1 :])  # pad after the first EOS
+            assert all(t == PAD for t in row[first_stop(row) + 1 :])  # pad after the first stop token
     if ended.all():  # the loop stops once every response has ended
-        assert responses.shape[1] == int(response_mask(responses, EOS).sum(-1).max())
+        assert responses.shape[1] == int(response_mask(responses, STOPS).sum(-1).max())
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -183,7 +190,7 @@ def test_every_supported_architecture_takes_a_fast_path(name, caplog, monkeypatc
     monkeypatch.setattr(sampling, "_paths_logged", set())
     with caplog.at_level(logging.INFO, logger="rlhf.sampling"), warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # how transformers says that an argument was renamed
-        sample(model, prompts(), PAD, EOS, SamplingConfig(max_new_tokens=4))
+        sample(model, prompts(), PAD, STOPS, SamplingConfig(max_new_tokens=4))
     decoder = "GPT-2 decoder" if name.startswith("gpt2") else f"KV-cache decoder (cache keyword {causal_lm.CACHE_KEYWORDS[0]!r})"
     (message,) = [record.getMessage() for record in caplog.records]
     assert message.startswith(type(causal_lm.base_model(model)).__name__) and message.endswith(f": sampling with the {decoder}")
@@ -224,14 +231,14 @@ def test_a_model_the_sampler_cannot_drive_falls_back_to_generate(caplog, monkeyp
     config = SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=24)
     torch.manual_seed(0)
     with caplog.at_level(logging.INFO, logger="rlhf.sampling"):
-        samples = sample_with_logprobs(model, batch, PAD, EOS, config)
+        samples = sample_with_logprobs(model, batch, PAD, STOPS, config)
     assert "NoCacheForward: falling back to transformers' generate" in caplog.text
     for row, did_end in zip(samples.responses.tolist(), samples.ended.tolist()):
-        assert did_end == (EOS in row)
+        assert did_end == (first_stop(row) is not None)
         if did_end:
-            assert all(t == PAD for t in row[row.index(EOS) + 1 :])
+            assert all(t == PAD for t in row[first_stop(row) + 1 :])
     query, query_mask = pad(batch, PAD, side="left")
-    mask = response_mask(samples.responses, EOS)
+    mask = response_mask(samples.responses, STOPS)
     forced = response_logprobs(model, query, query_mask, samples.responses, mask, config.temperature)
     torch.testing.assert_close(samples.logprobs * mask, forced * mask, atol=LOGPROB_TOLERANCE, rtol=0)
     assert (mask == 0).any() and (samples.logprobs[mask == 0] == 0).all()  # some responses ended early
@@ -269,14 +276,14 @@ def generate_with_own_config(model, batch: list[list[int]], config: SamplingConf
         input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens, pad_token_id=PAD, eos_token_id=EOS, use_cache=False,
         do_sample=sampled, **(dict(temperature=config.temperature, top_k=0, top_p=1.0) if sampled else {}),
     )
-    return sampling.truncate_at_eos(out[:, ids.shape[1] :], EOS, PAD)[0].tolist()
+    return sampling.truncate_at_eos(out[:, ids.shape[1] :], [EOS], PAD)[0].tolist()
 
 
 def test_the_checkpoints_generation_config_does_not_reach_greedy_rollouts():
     settings = dict(repetition_penalty=10.0, no_repeat_ngram_size=2, min_new_tokens=5)
     model, batch, greedy = no_cache_gpt2(**settings), prompts(), SETTINGS["greedy"]
     expected = plain_sample(model, batch, greedy)
-    assert sample(model, batch, PAD, EOS, greedy)[0].tolist() == expected
+    assert sample(model, batch, PAD, STOPS, greedy)[0].tolist() == expected
     assert generate_with_own_config(model, batch, greedy) != expected  # the settings do change generate's tokens
 
 
@@ -304,9 +311,9 @@ def test_no_setting_of_the_checkpoints_generation_config_reaches_sampled_rollout
     config, batch = SETTINGS["t1"], prompts()
     clean, model = no_cache_gpt2(), no_cache_gpt2(**{setting: CHECKPOINT_SETTINGS[setting]})
     torch.manual_seed(0)
-    expected = sample(clean, batch, PAD, EOS, config)[0].tolist()
+    expected = sample(clean, batch, PAD, [EOS], config)[0].tolist()
     torch.manual_seed(0)
-    assert sample(model, batch, PAD, EOS, config)[0].tolist() == expected
+    assert sample(model, batch, PAD, [EOS], config)[0].tolist() == expected
     torch.manual_seed(0)
     assert generate_with_own_config(model, batch, config) != expected  # the setting does change generate's tokens
 
@@ -316,11 +323,43 @@ def test_a_generator_gives_the_tokens_and_leaves_the_default_one_alone(name):
     model = no_cache_gpt2() if name == "no-cache" else MODELS[name]()
     config, batch = SETTINGS["t1"], prompts()
     state = torch.get_rng_state()
-    first = sample(model, batch, PAD, EOS, config, torch.Generator().manual_seed(11))[0]
-    second = sample(model, batch, PAD, EOS, config, torch.Generator().manual_seed(11))[0]
+    first = sample(model, batch, PAD, STOPS, config, torch.Generator().manual_seed(11))[0]
+    second = sample(model, batch, PAD, STOPS, config, torch.Generator().manual_seed(11))[0]
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(first, second)
-    assert not torch.equal(first, sample(model, batch, PAD, EOS, config, torch.Generator().manual_seed(12))[0])
+    assert not torch.equal(first, sample(model, batch, PAD, STOPS, config, torch.Generator().manual_seed(12))[0])
+
+
+def test_a_response_ends_at_its_first_token_of_any_stop_id():
+    stops, pad_id = [0, 3], 9
+    responses = torch.tensor([[5, 3, 7, 0], [5, 6, 7, 8], [0, 3, 3, 3], [4, 4, 3, 0]])
+    truncated, ended = sampling.truncate_at_eos(responses, stops, pad_id)
+    assert truncated.tolist() == [[5, 3, 9, 9], [5, 6, 7, 8], [0, 9, 9, 9], [4, 4, 3, 9]]
+    assert ended.tolist() == [True, False, True, True]
+    # the stop token itself is in the mask (its log-prob is trained and the score sits on it)
+    expected = [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
+    assert response_mask(truncated, stops).tolist() == expected
+    assert response_mask(responses, stops).tolist() == expected  # the tokens after the first stop do not matter
+
+
+def favouring(model, token: int):
+    """`model` with `token`'s logit raised by 50 at every position: it is sampled all but surely."""
+    bias = torch.zeros(model.config.vocab_size)
+    bias[token] = 50.0
+    model.get_output_embeddings().register_forward_hook(lambda module, args, logits: logits + bias)
+    return model
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen2", "no-cache"])  # the GPT-2 decoder, the KV-cache decoder, generate
+def test_the_sampler_stops_at_the_second_stop_token(name):
+    second = STOPS[1]
+    model = favouring(no_cache_gpt2() if name == "no-cache" else MODELS[name](), second)
+    config = SamplingConfig(temperature=1.0, max_new_tokens=6)
+    samples = sample_with_logprobs(model, prompts(), PAD, STOPS, config)
+    assert samples.responses.tolist() == [[second]] * len(prompts())
+    assert samples.ended.all() and response_mask(samples.responses, STOPS).sum(-1).tolist() == [1] * len(prompts())
+    responses, ended = sample(model, prompts(), PAD, [EOS], config)  # with EOS alone the same model never stops
+    assert responses.shape[1] == config.max_new_tokens and not ended.any()
 
 
 def test_restrict_keeps_the_top_k_then_the_nucleus():
@@ -348,7 +387,7 @@ def test_ppo_takes_the_sampled_logprobs_in_fp32_and_recomputes_them_under_bf16(t
     model.eval()
     batch = [tokenizer("User: hi\nAssistant:")["input_ids"], tokenizer("User: How do I get help with my refund?\nAssistant:")["input_ids"]]
     torch.manual_seed(0)
-    sampled = sample_with_logprobs(model.policy, batch, tokenizer.pad_token_id, tokenizer.eos_token_id, config.generation)
+    sampled = sample_with_logprobs(model.policy, batch, tokenizer.pad_token_id, stop_token_ids(tokenizer, model.policy), config.generation)
     torch.manual_seed(0)
     rollout = ppo.generate(model.policy, batch, tokenizer, config, torch.device("cpu"), bf16)
     policy_calls = []
