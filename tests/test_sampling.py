@@ -248,8 +248,8 @@ def test_the_fallback_restricts_sampling_by_top_k():
     # top_k = 1 leaves the most likely token alone: the fallback's samples are the greedy ones.
     model, batch = no_cache_gpt2(), prompts(16)
     torch.manual_seed(0)
-    top1 = sample(model, batch, PAD, EOS, SamplingConfig(temperature=1.0, top_k=1, max_new_tokens=12))[0]
-    greedy = sample(model, batch, PAD, EOS, SamplingConfig(temperature=0.0, max_new_tokens=12))[0]
+    top1 = sample(model, batch, PAD, STOPS, SamplingConfig(temperature=1.0, top_k=1, max_new_tokens=12))[0]
+    greedy = sample(model, batch, PAD, STOPS, SamplingConfig(temperature=0.0, max_new_tokens=12))[0]
     assert torch.equal(top1, greedy)
 
 
@@ -265,7 +265,7 @@ class FailingForward(GPT2LMHeadModel):
 def test_a_type_error_inside_the_forward_is_raised_not_taken_for_a_missing_keyword():
     # Taken for "this keyword is unknown", it would send every rollout to the slow fallback.
     with pytest.raises(TypeError, match="unsupported operand"):
-        sample(FailingForward(gpt2().config).eval(), prompts(), PAD, EOS, SamplingConfig(max_new_tokens=4))
+        sample(FailingForward(gpt2().config).eval(), prompts(), PAD, STOPS, SamplingConfig(max_new_tokens=4))
 
 
 def generate_with_own_config(model, batch: list[list[int]], config: SamplingConfig) -> list[list[int]]:
