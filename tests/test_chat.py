@@ -78,6 +78,19 @@ def test_a_template_without_a_turn_end_gets_eos(instruct, tmp_path):
     assert labels[-1] == tokenizer.eos_token_id
 
 
+def test_a_template_that_renders_the_prompt_otherwise_in_the_conversation_is_an_error(tmp_path):
+    # The generation prompt says "Assistant:", the rendered turn "assistant:": no prefix to cut at.
+    template = tmp_path / "uneven.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+    tokenizer = chat_tokenizer()
+    use_chat_template(tokenizer, str(template))
+    with pytest.raises(DataError, match=r"^c.jsonl:4: field 'completion': the chat template does not render the prompt"):
+        encode_demonstration(tokenizer, Demonstration(conversation_for("refund"), "Five days.", "c.jsonl:4"), 128)
+    messages = conversation_for("refund") + [{"role": "assistant", "content": "Five days."}]
+    with pytest.raises(DataError, match=r"^c.jsonl:5: field 'messages\[1\]': the chat template does not render turns as prefixes"):
+        encode_demonstration(tokenizer, Demonstration("", "", "c.jsonl:5", messages), 128)
+
+
 def test_chat_template_none_renders_plain_turns_whatever_the_tokenizer_has():
     tokenizer = chat_tokenizer()
     use_chat_template(tokenizer, "none")
