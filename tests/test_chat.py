@@ -117,19 +117,21 @@ def test_rollout_prompts_end_with_the_generation_prompt_as_in_sft(instruct):
     assert sft_ids[:start] == ids
 
 
-def test_reward_training_and_scoring_build_the_same_sequences(instruct, chat_model_dir):
-    model = load_sequence_classifier(str(chat_model_dir), instruct, num_labels=1)
-    scorer = SequenceClassifierScore(model, instruct)
+@pytest.mark.parametrize("eos", ["<|im_end|>", "<|endoftext|>"])
+def test_reward_training_and_scoring_build_the_same_sequences(chat_model_dir, eos):
+    tokenizer = chat_tokenizer(eos)
+    model = load_sequence_classifier(str(chat_model_dir), load_tokenizer(str(chat_model_dir)), num_labels=1)
+    scorer = SequenceClassifierScore(model, tokenizer)
     prompt = conversation_for("refund")
     chosen, rejected = good_reply("refund").strip(), "Whatever."
     pair = Comparison(prompt, [[{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]], "p.jsonl:1")
-    trained = reward.encode_feedback(instruct, pair, 128).sequences
+    trained = reward.encode_feedback(tokenizer, pair, 128).sequences
     # PPO hands the reward source the prompt record and the decoded completion text.
     assert [scorer.encode(prompt, text) for text in (chosen, rejected)] == trained
     assert [scorer.encode(prompt, c) for c in pair.completions] == trained
-    assert tokens(instruct, trained[0][-2:]) == [".", "<|im_end|>"]
+    assert tokens(tokenizer, trained[0][-2:]) == [".", "<|im_end|>"]
     rating = Rating(prompt, chosen, 1.0, "r.jsonl:1")
-    assert reward.encode_feedback(instruct, rating, 128).sequences == [scorer.encode(prompt, chosen)]
+    assert reward.encode_feedback(tokenizer, rating, 128).sequences == [scorer.encode(prompt, chosen)]
 
 
 def test_string_prompts_keep_their_token_ids():
@@ -152,10 +154,11 @@ def test_a_conversational_completion_needs_a_conversational_prompt(instruct):
         reward.encode_feedback(instruct, Comparison("Hi?", [[{"role": "assistant", "content": "x"}], "y"], "p.jsonl:3"), 128)
 
 
-def test_ppo_and_eval_roll_out_on_the_rendered_conversation(chat_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("chat_template", ["auto", "none"])
+def test_ppo_and_eval_roll_out_on_the_rendered_conversation(chat_model_dir, tmp_path, monkeypatch, chat_template):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": conversation_for(t)} for t in TOPICS])
     tokenizer = load_tokenizer(str(chat_model_dir))
-    generation_prompt = tokenizer(GENERATION_PROMPT, add_special_tokens=False)["input_ids"]
+    generation_prompt = tokenizer(GENERATION_PROMPT if chat_template == "auto" else "\nAssistant:", add_special_tokens=False)["input_ids"]
     seen: dict[str, list] = {"ppo": [], "eval": []}
     for module, key in ((ppo, "ppo"), (evaluation, "eval")):
         name = "sample_with_logprobs" if module is ppo else "sample"
@@ -170,13 +173,13 @@ def test_ppo_and_eval_roll_out_on_the_rendered_conversation(chat_model_dir, tmp_
         policy=str(chat_model_dir), output_dir=str(tmp_path / "ppo"), prompts=ppo.PromptData(train=[str(prompts)]),
         reward=RewardSourceConfig(kind="function", path="test_chat:record_reward"),
         generation=SamplingConfig(max_new_tokens=4), algo=ppo.PPOAlgoConfig(batch_size=4, minibatch_size=4, micro_batch_size=4, epochs=1),
-        stop=ppo.StopConfig(max_steps=1), precision="fp32",
+        stop=ppo.StopConfig(max_steps=1), precision="fp32", chat_template=chat_template,
     )
     RECEIVED.clear()
     ppo.train(config)
     evaluation.evaluate(evaluation.EvalConfig(
         reference=str(chat_model_dir), prompts=[str(prompts)], generation=SamplingConfig(max_new_tokens=4),
-        output_dir=str(tmp_path / "eval"), batch_size=4,
+        output_dir=str(tmp_path / "eval"), batch_size=4, chat_template=chat_template,
     ))
     for key in ("ppo", "eval"):
         assert len(seen[key]) == len(TOPICS)
@@ -197,6 +200,26 @@ def record_reward(prompts, completions, **kwargs):
     RECEIVED.setdefault("prompts", []).extend(prompts)
     RECEIVED.setdefault("completions", []).extend(completions)
     return [0.0] * len(prompts)
+
+
+def test_sft_and_reward_models_keep_the_template_they_were_trained_with(chat_model_dir, tmp_path):
+    from rlhf import sft
+    from transformers import AutoTokenizer
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    turn = [{"role": "assistant", "content": "Five days."}]
+    demos = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": conversation_for(t), "completion": turn} for t in TOPICS for _ in range(2)])
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": conversation_for(t), "chosen": turn, "rejected": "No."} for t in TOPICS for _ in range(2)])
+    optim = sft.OptimConfig(batch_size=4, micro_batch_size=4, max_steps=1)
+    saved = [
+        sft.train(sft.SFTConfig(model=str(chat_model_dir), output_dir=str(tmp_path / "sft"), data=sft.DataConfig(train=[str(demos)]),
+                                optim=optim, precision="fp32", chat_template=str(template))),
+        reward.train(reward.RewardConfig(model=str(chat_model_dir), output_dir=str(tmp_path / "rm"), data=reward.DataConfig(train=[str(prefs)], eval_fraction=0.25),
+                                         optim=optim, precision="fp32", chat_template=str(template))),
+    ]
+    for path in saved:
+        assert AutoTokenizer.from_pretrained(path).chat_template == template.read_text()
 
 
 def test_a_chat_template_path_that_does_not_exist_is_refused_before_work(tiny_model_dir, tiny_data, tmp_path):
