@@ -142,3 +142,13 @@ def test_lora_trains_adapters_and_saves_a_merged_model(tiny_model_dir, tiny_data
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     delta = (model.transformer.h[0].attn.c_attn.weight - base.transformer.h[0].attn.c_attn.weight).abs().max()
     assert delta > 1e-5
+
+
+def test_conversations_on_a_tokenizer_without_a_template_save_the_plain_one(tiny_model_dir, tmp_path):
+    from conftest import TOPICS, conversation_for, write_jsonl
+
+    demos = [{"prompt": conversation_for(t), "completion": [{"role": "assistant", "content": "Happy to help."}]} for t in TOPICS for _ in range(3)]
+    config = _config(tiny_model_dir, {"sft": write_jsonl(tmp_path / "chat.jsonl", demos)}, tmp_path / "sft", max_steps=1)
+    path = sft.train(config)
+    assert AutoTokenizer.from_pretrained(tiny_model_dir).chat_template is None
+    assert AutoTokenizer.from_pretrained(path).chat_template == FALLBACK_CHAT_TEMPLATE
