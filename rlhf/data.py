@@ -3,17 +3,29 @@
 Field names are the ones TRL users already have in their data:
 
     demonstrations  {"prompt", "completion"}  or  {"messages": [{"role", "content"}, ...]}
+                    or ShareGPT {"conversations": [{"from": human|gpt|system, "value"}, ...]}
     prompts         {"prompt"}
     preferences     {"prompt", "chosen", "rejected", "margin"?, "labeler"?}
+                    or {"chosen", "rejected"} as whole conversations (an implicit prompt)
     rankings        {"prompt", "completions": [best, ..., worst], "labeler"?}
     ratings         {"prompt", "completion", "label"}   label: 0/1 (thumbs) or a number (a score)
     candidates      {"prompt", "candidates": [{"completion", "model", "sampling": {...}}, ...]}
                     (what `rlhf generate` writes and the labeling app reads)
 
-Sources: a local .jsonl / .json / .csv / .parquet file, or a dataset name on the Hugging Face hub
-(`name` or `name:split`, read with `datasets.load_dataset`). Extra fields are ignored; a malformed
-record stops the run with a `DataError` unless `skip_invalid` is set, in which case the number
-of skipped records is reported.
+Every prompt and completion comes in TRL's standard format, a string, or in its conversational
+format, a list of {"role", "content"} messages (roles system, user, assistant, tool); a
+conversational completion starts with the assistant's turn, and a string completion after a
+conversational prompt is the assistant's reply. Preferences without a `prompt` whose chosen and
+rejected are whole conversations (Anthropic hh-rlhf as TRL ships it) take the messages they
+share as the prompt and the rest as the completions; a string `prompt` beside such
+conversations is ignored, as TRL does. `rlhf.encoding` turns both formats into tokens.
+
+Sources: a local .jsonl / .json / .csv / .parquet file, a folder written by
+`datasets.save_to_disk` (`path`, or `path:split` for a DatasetDict; the default split is
+train), or a dataset name on the Hugging Face hub (`name`, `name:split` or `name:config:split`,
+read with `datasets.load_dataset`). Extra fields are ignored; a malformed record stops the run
+with a `DataError` unless `skip_invalid` is set, in which case the number of skipped records is
+reported.
 """
 
 from __future__ import annotations
@@ -29,6 +41,11 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 log = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+Content = str | list[dict]
+"""A prompt or a completion: a string (standard format) or a list of messages (conversational)."""
 
 
 class DataError(ValueError):
@@ -41,16 +58,17 @@ class DataError(ValueError):
 
 @dataclass
 class Demonstration:
-    prompt: str
-    completion: str
+    prompt: Content
+    completion: Content
     source: str
     messages: list[dict] | None = None
-    """The conversation, when the record came as {"messages": [...]} (prompt/completion are then empty)."""
+    """The conversation, when the record came as {"messages"} or {"conversations"} (prompt and
+    completion are then empty): every assistant turn in it is a target."""
 
 
 @dataclass
 class Prompt:
-    prompt: str
+    prompt: Content
     source: str
 
 
@@ -58,8 +76,8 @@ class Prompt:
 class Comparison:
     """A pairwise preference or a ranking: `completions` run best to worst (a pair has two)."""
 
-    prompt: str
-    completions: list[str]
+    prompt: Content
+    completions: list[Content]
     source: str
     margin: float = 0.0
     labeler: str | None = None
@@ -73,8 +91,8 @@ class Comparison:
 
 @dataclass
 class Rating:
-    prompt: str
-    completion: str
+    prompt: Content
+    completion: Content
     label: float
     source: str
     labeler: str | None = None
@@ -90,14 +108,27 @@ class Candidate:
 
 @dataclass
 class Candidates:
-    """The completions offered to labelers for one prompt."""
+    """The completions offered to labelers for one prompt (kept as given: a string or messages)."""
 
-    prompt: str
+    prompt: Content
     candidates: list[Candidate]
     source: str
 
     def to_record(self) -> dict:
         return {"prompt": self.prompt, "candidates": [vars(c) for c in self.candidates]}
+
+
+def as_text(content: Content) -> str:
+    """A prompt or completion as plain text for people to read (a report, an excerpt): a
+    conversation as "role: content" paragraphs. Never what a model is given (see rlhf.encoding)."""
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in content)
+
+
+def reply_text(content: Content) -> str:
+    """The text of a completion without roles: a classifier judges this alone."""
+    return content if isinstance(content, str) else "\n".join(m["content"] for m in content)
 
 
 # ---------------------------------------------------------------- reading raw records
@@ -209,13 +240,56 @@ def read_records(source: str | Path) -> Iterator[tuple[str, Any]]:
 
             yield from _table_rows(iter(pq.read_table(path).to_pylist()), str(path))
         return
+    saved = _saved_dataset(str(source))
+    if saved is not None:
+        yield from _disk_rows(*saved)
+        return
     if path.exists():
-        raise DataError(str(path), f"unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+        raise DataError(str(path), f"unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)} or a datasets.save_to_disk folder")
     import datasets  # a hub dataset: users have internet, the tests use local files
 
-    name, _, split = str(source).partition(":")
-    dataset = datasets.load_dataset(name, split=split or "train")
-    yield from _table_rows(iter(dataset), f"{name}[{split or 'train'}]")
+    name, config, split = hub_name(str(source))
+    dataset = datasets.load_dataset(name, config, split=split)
+    yield from _table_rows(iter(dataset), f"{name}{':' + config if config else ''}[{split}]")
+
+
+def hub_name(source: str) -> tuple[str, str | None, str]:
+    """(name, config, split) of a hub dataset given as `name`, `name:split` or `name:config:split`."""
+    parts = source.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise DataError(source, "a hub dataset is name, name:split or name:config:split")
+    config = (parts[1] or None) if len(parts) == 3 else None
+    split = parts[-1] if len(parts) > 1 and parts[-1] else "train"
+    return parts[0], config, split
+
+
+def _saved_dataset(source: str) -> tuple[Path, str | None] | None:
+    """(folder, split or None) when `source` is a `datasets.save_to_disk` folder, or one followed
+    by `:split`; None otherwise."""
+    path, split = Path(source), None
+    if not path.is_dir():
+        head, sep, tail = source.rpartition(":")
+        if not sep or not Path(head).is_dir():
+            return None
+        path, split = Path(head), tail
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return path, split
+    return None
+
+
+def _disk_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        split = split or "train"
+        if split not in data:
+            raise DataError(str(path), f"no split {split!r}; the folder holds {', '.join(data)} (choose one as {path}:SPLIT)")
+        yield from _table_rows(iter(data[split]), f"{path}[{split}]")
+    elif split:
+        raise DataError(f"{path}:{split}", "the folder holds one Dataset, without splits: name the folder alone")
+    else:
+        yield from _table_rows(iter(data), str(path))
 
 
 # ---------------------------------------------------------------- field checks
@@ -267,36 +341,125 @@ def _object(record: Any, where: str) -> dict:
     return record
 
 
+def _messages(value: Any, where: str, field: str) -> list[dict]:
+    """A checked list of {role, content} messages. Keys set to None are dropped: a table
+    (parquet, a hub dataset) gives every message every key that any message has."""
+    if not isinstance(value, list) or not value:
+        raise DataError(where, "expected a non-empty list of {role, content}", field)
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise DataError(where, "expected an object with role and content", f"{field}[{i}]")
+        message = {k: v for k, v in message.items() if v is not None}
+        role = message.get("role")
+        if role is None or role == "":
+            raise DataError(where, "missing", f"{field}[{i}].role")
+        if role not in ROLES:
+            raise DataError(where, f"unknown role {role!r} ({', '.join(ROLES[:-1])} or {ROLES[-1]})", f"{field}[{i}].role")
+        if not isinstance(message.get("content"), str) or not message["content"].strip():
+            raise DataError(where, "missing or empty", f"{field}[{i}].content")
+        messages.append(message)
+    return messages
+
+
+def _sharegpt(value: Any, where: str) -> list[dict]:
+    """ShareGPT's {"from", "value"} turns as messages: human -> user, gpt -> assistant."""
+    if not isinstance(value, list) or not value:
+        raise DataError(where, "expected a non-empty list of {from, value}", "conversations")
+    messages = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise DataError(where, "expected an object with from and value", f"conversations[{i}]")
+        if turn.get("from") not in SHAREGPT_ROLES:
+            raise DataError(where, f"unknown speaker {turn.get('from')!r} ({', '.join(SHAREGPT_ROLES)})", f"conversations[{i}].from")
+        if not isinstance(turn.get("value"), str) or not turn["value"].strip():
+            raise DataError(where, "missing or empty", f"conversations[{i}].value")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
+
+
+def _prompt(record: dict, where: str) -> Content:
+    """The record's prompt: a string or a list of messages."""
+    value = record.get("prompt")
+    if value is None and ("messages" in record or "conversations" in record):
+        kind = "messages" if "messages" in record else "conversations"
+        raise DataError(where, f"missing; a {{{kind}}} record is a demonstration for SFT, here a record needs a 'prompt' (a string or a list of messages)", "prompt")
+    if value is None and isinstance(record.get("chosen"), str):
+        raise DataError(where, "missing; string chosen/rejected need one (the prompt is implicit only when they are whole conversations, lists of messages)", "prompt")
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        return _messages(value, where, "prompt")
+    if isinstance(value, list):
+        raise DataError(where, "expected a string or a list of {role, content} messages, got a list of values", "prompt")
+    return _text(record, "prompt", where)
+
+
+def _completion(value: Any, prompt: Content, where: str, field: str) -> Content:
+    """A completion of `prompt`: a string, or after a conversational prompt a list of messages
+    that starts with the assistant's turn."""
+    if isinstance(value, list):
+        if isinstance(prompt, str):
+            raise DataError(where, "a list of messages needs a conversational prompt (a list of messages too)", field)
+        messages = _messages(value, where, field)
+        if messages[0]["role"] != "assistant":
+            raise DataError(where, f"a completion starts with the assistant's turn, not the {messages[0]['role']}'s", f"{field}[0].role")
+        return messages
+    if value is None:
+        raise DataError(where, "missing", field)
+    if not isinstance(value, str):
+        raise DataError(where, f"expected a string or a list of messages, got {type(value).__name__}", field)
+    if not value.strip():
+        raise DataError(where, "empty", field)
+    return value
+
+
+def _implicit_prompt(record: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) of whole conversations: the prompt is the messages both open
+    with, and each completion the rest, from an assistant turn on."""
+    chosen, rejected = _messages(record["chosen"], where, "chosen"), _messages(record["rejected"], where, "rejected")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if len(chosen) == len(rejected) == n:
+        raise DataError(where, "the same conversation as 'chosen'", "rejected")
+    if n == 0:
+        raise DataError(where, "opens with another message than 'chosen' does: without a list 'prompt', the prompt is the messages they share", "rejected")
+    for key, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if n == len(conversation):
+            raise DataError(where, "holds only the messages it shares with the other side: nothing is left to compare", key)
+        if conversation[n]["role"] != "assistant":
+            role = conversation[n]["role"]
+            raise DataError(where, f"the shared prompt (messages 0-{n - 1}) is followed by a {role} turn, not the assistant's", f"{key}[{n}].role")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
 def parse_demonstration(record: Any, where: str) -> Demonstration:
     record = _object(record, where)
-    if "messages" in record and "prompt" not in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(where, "expected a non-empty list of {role, content}", "messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise DataError(where, "expected an object with role and content", f"messages[{i}]")
-            role = _text(message, "role", where) if "role" in message else None
-            if role is None:
-                raise DataError(where, "missing", f"messages[{i}].role")
-            if role not in ("system", "user", "assistant"):
-                raise DataError(where, f"unknown role {role!r} (system, user or assistant)", f"messages[{i}].role")
-            if not isinstance(message.get("content"), str) or not message["content"].strip():
-                raise DataError(where, "missing or empty", f"messages[{i}].content")
+    if "prompt" not in record and ("messages" in record or "conversations" in record):
+        if "messages" in record:
+            messages = _messages(record["messages"], where, "messages")
+        else:
+            messages = _sharegpt(record["conversations"], where)
+        field = "messages" if "messages" in record else "conversations"
         if messages[-1]["role"] != "assistant":
-            raise DataError(where, "the last message must be the assistant's (the target)", "messages")
+            raise DataError(where, "the last message must be the assistant's (the target)", field)
         return Demonstration(prompt="", completion="", source=where, messages=messages)
-    return Demonstration(_text(record, "prompt", where), _text(record, "completion", where), where)
+    prompt = _prompt(record, where)
+    return Demonstration(prompt, _completion(record.get("completion"), prompt, where, "completion"), where)
 
 
 def parse_prompt(record: Any, where: str) -> Prompt:
-    return Prompt(_text(_object(record, where), "prompt", where), where)
+    return Prompt(_prompt(_object(record, where), where), where)
 
 
 def parse_feedback(record: Any, where: str) -> Comparison | Rating:
     """A pairwise preference, a ranking or a rating, told apart by their fields."""
     record = _object(record, where)
-    prompt = _text(record, "prompt", where)
+    conversations = isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list)
+    if conversations and not isinstance(record.get("prompt"), list):
+        prompt, chosen, rejected = _implicit_prompt(record, where)
+        margin = _number(record, "margin", where, default=0.0)
+        return Comparison(prompt, [chosen, rejected], where, margin=margin, labeler=_labeler(record, where))
+    prompt = _prompt(record, where)
     if "completions" in record:
         completions = record["completions"]
         if not isinstance(completions, list):
@@ -304,28 +467,29 @@ def parse_feedback(record: Any, where: str) -> Comparison | Rating:
         if len(completions) < 2:
             raise DataError(where, f"a ranking needs at least 2 completions, got {len(completions)}", "completions")
         for i, text in enumerate(completions):
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(where, "expected a non-empty string", f"completions[{i}]")
-        seen: dict[str, int] = {}
+            if not isinstance(text, (str, list)) or (isinstance(text, str) and not text.strip()):
+                raise DataError(where, "expected a non-empty string (or a list of messages)", f"completions[{i}]")
+        completions = [_completion(c, prompt, where, f"completions[{i}]") for i, c in enumerate(completions)]
         for i, text in enumerate(completions):
-            if text in seen:
-                raise DataError(where, f"duplicates completions[{seen[text]}]", f"completions[{i}]")
-            seen[text] = i
-        return Comparison(prompt, list(completions), where, labeler=_labeler(record, where), ranking=True)
+            first = completions.index(text)
+            if first < i:
+                raise DataError(where, f"duplicates completions[{first}]", f"completions[{i}]")
+        return Comparison(prompt, completions, where, labeler=_labeler(record, where), ranking=True)
     if "chosen" in record or "rejected" in record:
-        chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
+        chosen, rejected = (_completion(record.get(key), prompt, where, key) for key in ("chosen", "rejected"))
         if chosen == rejected:
             raise DataError(where, "the same text as 'chosen'", "rejected")
         margin = _number(record, "margin", where, default=0.0)
         return Comparison(prompt, [chosen, rejected], where, margin=margin, labeler=_labeler(record, where))
     if "label" in record or "completion" in record:
-        return Rating(prompt, _text(record, "completion", where), _number(record, "label", where), where, _labeler(record, where))
+        completion = _completion(record.get("completion"), prompt, where, "completion")
+        return Rating(prompt, completion, _number(record, "label", where), where, _labeler(record, where))
     raise DataError(where, "missing: a record needs 'chosen'/'rejected', 'completions' or 'completion'/'label'", "chosen")
 
 
 def parse_candidates(record: Any, where: str) -> Candidates:
     record = _object(record, where)
-    prompt = _text(record, "prompt", where)
+    prompt = _prompt(record, where)
     items = record.get("candidates")
     if not isinstance(items, list) or not items:
         raise DataError(where, "expected a non-empty list of {completion, model, sampling}", "candidates")

@@ -1,20 +1,37 @@
 """Text to token ids for every stage, with the length checks that name file, line and field.
 
-Prompts and completions are tokenized apart (the prompt with the tokenizer's special tokens, the
-completion without) and joined, which is exactly what sampling produces: prompt tokens, then
-generated tokens. Every target completion ends with EOS (checklist item 1).
+One renderer serves SFT, the reward model (training and scoring), PPO and eval rollouts and
+`rlhf generate`, so that the policy is rolled out on exactly the tokens it was fine-tuned on and
+the reward model scores exactly the sequences it was trained on. As TRL does:
+
+- a string prompt (standard format) is used as written, tokenized with the tokenizer's special
+  tokens; its completion is tokenized on its own and followed by EOS (checklist item 1);
+- a conversational prompt (a list of messages) is rendered with the chat template and its
+  generation prompt (`<|im_start|>assistant\\n`); its completion's tokens are those the rendered
+  conversation adds to the rendered prompt, which must be a prefix of it. They are cut after the
+  turn's stop token, EOS or the special token the template closes turns with (`<|im_end|>`), so
+  that the newline some templates put after it is not trained on; EOS is appended only when the
+  template closed the turn with neither. An instruct tokenizer whose EOS is `<|im_end|>` thus
+  trains one turn end, not `<|im_end|>\\n<|im_end|>`.
+
+The chat template is the tokenizer's own, or FALLBACK_CHAT_TEMPLATE when it has none; a stage's
+`chat_template` setting (`use_chat_template`) can replace it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from rlhf.data import DataError, Demonstration, keep_valid
+from rlhf.config import ConfigError
+from rlhf.data import Content, DataError, Demonstration, keep_valid
 
 IGNORE = -100
 
-# Used for {"messages": [...]} records when the tokenizer has no chat template of its own.
-# It renders "User: ...\nAssistant: ...<eos>" turns, the same text as prompt/completion records.
+# Used for conversations when the tokenizer has no chat template of its own (or with
+# `chat_template: none`). It renders "User: ...\nAssistant: ...<eos>" turns, the same text as
+# the demo's prompt/completion records.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
     "{{ m['role'] | capitalize }}: {{ m['content'] }}"
@@ -23,9 +40,71 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def encode_prompt(tokenizer, prompt: str, max_length: int, where: str, field: str = "prompt") -> list[int]:
+def check_chat_template(setting: str, key: str) -> None:
+    """Refuse a `chat_template` setting that is neither auto, none nor an existing file."""
+    if setting not in ("auto", "none") and not Path(setting).is_file():
+        raise ConfigError(f"{key}: {setting} is not a file (auto, none, or the path of a Jinja chat template)")
+
+
+def use_chat_template(tokenizer, setting: str) -> None:
+    """Apply a stage's `chat_template` setting to its tokenizer: auto keeps the tokenizer's own
+    template, none puts FALLBACK_CHAT_TEMPLATE in its place, a path the template in that file.
+    The tokenizer saved with the stage's model keeps it, so the next stage renders alike."""
+    if setting == "none":
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    elif setting != "auto":
+        tokenizer.chat_template = Path(setting).read_text(encoding="utf-8")
+
+
+def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    # Rendered to text and tokenized without special tokens: the template writes them (BOS too).
+    template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _turn_end(tokenizer, ids: list[int]) -> int | None:
+    """How many of a turn's `ids` to keep: through its last stop token (EOS or a special token,
+    such as `<|im_end|>`), leaving out whitespace after it; None when the turn has no stop token."""
+    stops = {tokenizer.eos_token_id} | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    end = len(ids)
+    while end and ids[end - 1] not in stops and not tokenizer.decode(ids[end - 1 : end]).strip():
+        end -= 1
+    return end if end and ids[end - 1] in stops else None
+
+
+def render_prompt(tokenizer, prompt: Content) -> list[int]:
+    """The tokens a model is given before it answers `prompt` (see the module docstring)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    return _template_ids(tokenizer, prompt, generation_prompt=True)
+
+
+def render_completion(tokenizer, prompt: Content, prompt_ids: list[int], completion: Content, where: str, field: str = "completion") -> list[int]:
+    """The tokens of `completion` after `prompt` (whose rendering is `prompt_ids`), ending with
+    one stop token (see the module docstring)."""
+    if isinstance(prompt, str):
+        if not isinstance(completion, str):
+            raise DataError(where, "a list of messages needs a conversational prompt (a list of messages too)", field)
+        return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    turns = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
+    ids = _template_ids(tokenizer, prompt + turns, generation_prompt=False)
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise DataError(where, "the chat template does not render the prompt and its generation prompt as a prefix of the conversation", field)
+    ids = ids[len(prompt_ids) :]
+    end = _turn_end(tokenizer, ids)
+    return ids[:end] if end is not None else ids + [tokenizer.eos_token_id]
+
+
+def render_sequence(tokenizer, prompt: Content, completion: Content, where: str = "", field: str = "completion") -> list[int]:
+    """Prompt and completion tokens together: what a reward model reads, in training and scoring."""
+    prompt_ids = render_prompt(tokenizer, prompt)
+    return prompt_ids + render_completion(tokenizer, prompt, prompt_ids, completion, where, field)
+
+
+def encode_prompt(tokenizer, prompt: Content, max_length: int, where: str, field: str = "prompt") -> list[int]:
     """Prompt ids; a prompt that leaves no room for a single completion token is an error."""
-    ids = tokenizer(prompt)["input_ids"]
+    ids = render_prompt(tokenizer, prompt)
     if len(ids) >= max_length:
         raise DataError(where, f"{len(ids)} tokens; the model allows at most {max_length}", field)
     return ids
@@ -39,10 +118,11 @@ def encode_prompts(tokenizer, records: list, max_length: int, skip_invalid: bool
 
 
 def encode_completion(
-    tokenizer, prompt_ids: list[int], completion: str, max_length: int, where: str, field: str = "completion"
+    tokenizer, prompt_ids: list[int], completion: Content, max_length: int, where: str, field: str = "completion", prompt: Content = ""
 ) -> list[int]:
-    """Completion ids followed by EOS; prompt + completion must fit in `max_length`."""
-    ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """Completion ids ending with one stop token; prompt + completion must fit in `max_length`.
+    `prompt` is what `prompt_ids` were rendered from (a conversation's completion is its next turn)."""
+    ids = render_completion(tokenizer, prompt, prompt_ids, completion, where, field)
     if len(prompt_ids) + len(ids) > max_length:
         total = len(prompt_ids) + len(ids)
         raise DataError(where, f"prompt + completion is {total} tokens; the model allows at most {max_length}", field)
@@ -50,32 +130,32 @@ def encode_completion(
 
 
 def encode_demonstration(tokenizer, demo: Demonstration, max_length: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for SFT: labels are IGNORE on prompt tokens and EOS closes the target."""
+    """(input_ids, labels) for SFT: labels are IGNORE on prompt tokens and a stop token closes the target."""
     if demo.messages is not None:
         return _encode_conversation(tokenizer, demo, max_length)
     prompt = encode_prompt(tokenizer, demo.prompt, max_length, demo.source)
-    completion = encode_completion(tokenizer, prompt, demo.completion, max_length, demo.source)
+    completion = encode_completion(tokenizer, prompt, demo.completion, max_length, demo.source, prompt=demo.prompt)
     return prompt + completion, [IGNORE] * len(prompt) + completion
 
 
 def _encode_conversation(tokenizer, demo: Demonstration, max_length: int) -> tuple[list[int], list[int]]:
-    """Train on every assistant turn: its tokens are those the turn adds to the rendered text."""
-
-    def ids(messages, generation_prompt=False):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
+    """Train on every assistant turn: its tokens are those the turn adds to the rendered text,
+    through its stop token. The sequence ends at the last turn's stop token (EOS appended when
+    the template gives none), as `render_completion` ends a completion."""
     messages = demo.messages
-    input_ids = ids(messages)
+    input_ids = _template_ids(tokenizer, messages, generation_prompt=False)
     labels = [IGNORE] * len(input_ids)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start, through = len(ids(messages[:i], generation_prompt=True)), ids(messages[: i + 1])
-        if input_ids[: len(through)] != through:
+        head, through = _template_ids(tokenizer, messages[:i], True), _template_ids(tokenizer, messages[: i + 1], False)
+        if through[: len(head)] != head or input_ids[: len(through)] != through:
             raise DataError(demo.source, "the chat template does not render turns as prefixes of the conversation", f"messages[{i}]")
-        labels[start : len(through)] = input_ids[start : len(through)]
-    if input_ids[-1] != tokenizer.eos_token_id:
+        kept = _turn_end(tokenizer, through[len(head) :])
+        end = len(through) if kept is None else len(head) + kept
+        labels[len(head) : end] = input_ids[len(head) : end]
+    input_ids, labels = input_ids[:end], labels[:end]  # the last message is the assistant's
+    if kept is None:
         input_ids, labels = input_ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
     if len(input_ids) > max_length:
         raise DataError(demo.source, f"{len(input_ids)} tokens; the model allows at most {max_length}", "messages")

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from rlhf.config import ConfigError, NonNegativeInt, PositiveInt, check_ranges
-from rlhf.data import load_prompts
-from rlhf.encoding import encode_prompts, pad
+from rlhf.data import Content, as_text, load_prompts
+from rlhf.encoding import check_chat_template, encode_prompts, pad, use_chat_template
 from rlhf.models import check_generation_room, check_model_path, context_length, load_causal_lm, load_tokenizer, stop_token_ids
 from rlhf.sampling import SamplingConfig, response_logprobs, response_mask, sample_with_logprobs
 from rlhf.scoring import FunctionScore, RewardSourceConfig, check_reward_path, check_reward_source, load_function, load_reward_source
@@ -38,7 +38,7 @@ class EvalConfig:
     policies: list[str] = field(default_factory=list)
     """Policies to evaluate against the reference (e.g. the PPO model)."""
     prompts: list[str] = field(default_factory=list)
-    """Held-out prompt files."""
+    """Held-out prompt files ({prompt}: a string or a list of messages)."""
     skip_invalid: bool = False
     """Skip malformed prompts and prompts too long for the model (and report how many) instead of stopping at the first."""
     num_prompts: NonNegativeInt = 0
@@ -47,6 +47,8 @@ class EvalConfig:
     oracle: str = ""
     """Gold scorer `module:function` (e.g. the demo's gold labeler); empty: none."""
     generation: SamplingConfig = field(default_factory=SamplingConfig)
+    chat_template: str = "auto"
+    """How conversations (lists of messages) become tokens: auto (the tokenizer's chat template, or plain "User: ..." / "Assistant: ..." turns when it has none), none (always those plain turns), or the path of a Jinja chat template. String prompts are used as written."""
     runs: list[str] = field(default_factory=list)
     """PPO run directories whose metrics.jsonl are plotted against steps."""
     output_dir: str = "runs/eval"
@@ -117,6 +119,7 @@ def validate(config: EvalConfig) -> None:
     for key, name in policies:
         check_model_path(key, name)
         check_generation_room("eval.generation.max_new_tokens", name, config.generation.max_new_tokens)
+    check_chat_template(config.chat_template, "eval.chat_template")
     if config.reward.path:
         check_reward_path(config.reward, "eval.reward")
     for i, run in enumerate(config.runs):
@@ -134,6 +137,7 @@ def evaluate(config: EvalConfig) -> Path:
     if config.num_prompts and config.num_prompts < len(records):
         records = random.Random(config.seed).sample(records, config.num_prompts)
     tokenizer = load_tokenizer(config.reference)
+    use_chat_template(tokenizer, config.chat_template)
     reference = load_causal_lm(config.reference, tokenizer).to(device).eval()
     max_prompt = context_length(reference.config) - config.generation.max_new_tokens
     records, prompts = encode_prompts(tokenizer, records, max_prompt, config.skip_invalid)
@@ -240,7 +244,7 @@ def _cell(text: str) -> str:
     return html.escape(text.strip()).replace("|", "&#124;").replace("\n", "<br>").replace("`", "&#96;") or "(empty)"
 
 
-def render_report(summary: list[dict], plots: list[str], prompts: list[str], results: list[PolicySamples], examples: int = 5) -> str:
+def render_report(summary: list[dict], plots: list[str], prompts: list[Content], results: list[PolicySamples], examples: int = 5) -> str:
     columns = [("policy", "policy", "{}"), ("score", "RM score", "{:.3f}"), ("win_rate_rm", "win-rate vs ref (RM)", "{:.1%}"),
                ("gold", "gold score", "{:.3f}"), ("win_rate_gold", "win-rate vs ref (gold)", "{:.1%}"),
                ("wins_gold", "wins / ties / losses (gold)", None), ("kl", "KL to ref", "{:.2f}"),
@@ -260,5 +264,5 @@ def render_report(summary: list[dict], plots: list[str], prompts: list[str], res
     lines += [""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Examples", "", "| prompt | " + " | ".join(Path(r.name).as_posix() for r in results) + " |", "|" + "---|" * (len(results) + 1)]
     for i in range(min(examples, len(prompts))):
-        lines.append(f"| {_cell(prompts[i])} | " + " | ".join(f"{_cell(r.completions[i])} ({r.scores[i]:.2f})" for r in results) + " |")
+        lines.append(f"| {_cell(as_text(prompts[i]))} | " + " | ".join(f"{_cell(r.completions[i])} ({r.scores[i]:.2f})" for r in results) + " |")
     return "\n".join(lines) + "\n"

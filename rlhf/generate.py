@@ -2,8 +2,10 @@
 
     rlhf generate --model runs/demo/sft/model --prompts prompts.jsonl --out candidates.jsonl --num 4
 
-Every candidate records the model and the sampling settings it came from; the file is what
-`rlhf label serve --candidates` reads.
+A prompt is a string, used as written, or a list of messages, rendered with the model's chat
+template and its generation prompt, as every stage renders it (`rlhf.encoding`). Every candidate
+records the model and the sampling settings it came from, and the prompt is kept as given; the
+file is what `rlhf label serve --candidates` reads.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from rlhf import causal_lm, ops, training
 from rlhf.config import ConfigError, NonNegative, NonNegativeInt, Positive, PositiveInt, UnitInterval, check_ranges, to_dict
-from rlhf.data import load_prompts
-from rlhf.encoding import encode_prompts, pad
+from rlhf.data import Content, load_prompts
+from rlhf.encoding import check_chat_template, encode_prompts, pad, use_chat_template
 from rlhf.models import (
     LoraConfig,
     check_generation_room,
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PromptData:
     train: list[str] = field(default_factory=list)
-    """Prompt files or hub datasets ({prompt})."""
+    """Prompt files or hub datasets ({prompt}: a string or a list of messages)."""
     skip_invalid: bool = False
     """Skip malformed records and records too long for the model (and report how many) instead of stopping at the first."""
 
@@ -152,6 +152,8 @@ class PPOConfig:
     optim: PPOOptimConfig = field(default_factory=PPOOptimConfig)
     stop: StopConfig = field(default_factory=StopConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    chat_template: str = "auto"
+    """How conversations (lists of messages) become tokens: auto (the tokenizer's chat template, or plain "User: ..." / "Assistant: ..." turns when it has none), none (always those plain turns), or the path of a Jinja chat template. String prompts are used as written."""
     precision: Precision = "auto"
     """fp32, bf16 (autocast; log-probs, advantages and weights stay fp32), or auto."""
     gradient_checkpointing: bool = False
@@ -284,11 +286,12 @@ def timed(timings: dict[str, float], key: str):
 
 @torch.no_grad()
 def rollout(
-    model: PolicyAndValue, reference, prompts: list[list[int]], texts: list[str], reward_source, config: PPOConfig, tokenizer, device, bf16: bool,
+    model: PolicyAndValue, reference, prompts: list[list[int]], texts: list[Content], reward_source, config: PPOConfig, tokenizer, device, bf16: bool,
     generator: torch.Generator | None = None,
 ) -> tuple[Rollout, dict]:
     """Sample (from `generator`'s stream), score, and run the value, policy and reference forward
-    passes, each phase timed."""
+    passes, each phase timed. `texts` are the prompts as the records gave them (strings or
+    messages), which the reward source renders itself."""
     timings: dict[str, float] = {}
     with timed(timings, "time/generate"):
         batch = generate(model.policy, prompts, tokenizer, config, device, bf16, generator)
@@ -322,7 +325,7 @@ def generate(policy, prompts: list[list[int]], tokenizer, config: PPOConfig, dev
 
 
 @torch.no_grad()
-def score(batch: Rollout, texts: list[str], reward_source, tokenizer, config: PPOConfig) -> list[str]:
+def score(batch: Rollout, texts: list[Content], reward_source, tokenizer, config: PPOConfig) -> list[str]:
     """Score the decoded completions (each up to its first stop token, special tokens skipped) into
     `batch.raw_scores` and `batch.scores` (after the missing-EOS penalty and clipping); returns the
     completions."""
@@ -538,6 +541,7 @@ def validate(config: PPOConfig, num_processes: int) -> None:
     room for a prompt beside `max_new_tokens` in the policy's context."""
     check_config(config, num_processes)
     check_model_path("ppo.policy", config.policy)
+    check_chat_template(config.chat_template, "ppo.chat_template")
     check_generation_room("ppo.generation.max_new_tokens", config.policy, config.generation.max_new_tokens)
     if config.value.model:
         check_model_path("ppo.value.model", config.value.model)
@@ -555,6 +559,7 @@ def train(config: PPOConfig) -> Path:
 
     records = load_prompts(config.prompts.train, config.prompts.skip_invalid)
     tokenizer = load_tokenizer(config.policy)
+    use_chat_template(tokenizer, config.chat_template)
     model, reference = build_models(config, tokenizer, device)
     if checkpoint is not None:
         load_trained(model, checkpoint)
@@ -632,7 +637,7 @@ def train(config: PPOConfig) -> Path:
     return path
 
 
-def write_samples(path: Path, step: int, prompts: list[str], completions: list[str], batch: Rollout, n: int) -> None:
+def write_samples(path: Path, step: int, prompts: list[Content], completions: list[str], batch: Rollout, n: int) -> None:
     with path.open("a", encoding="utf-8") as f:
         for i in range(min(n, len(prompts))):
             record = {"step": step, "prompt": prompts[i], "completion": completions[i], "score": batch.raw_scores[i].item(), "ended": bool(batch.ended[i])}

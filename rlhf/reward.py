@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from rlhf import ops, training
 from rlhf.config import ConfigError, PositiveInt, check_ranges
-from rlhf.data import Comparison, DataError, Rating, keep_valid, load_feedback, load_prompts
-from rlhf.encoding import encode_completion, encode_prompt, encode_prompts, pad
+from rlhf.data import Comparison, Content, DataError, Rating, keep_valid, load_feedback, load_prompts
+from rlhf.encoding import check_chat_template, encode_completion, encode_prompt, encode_prompts, pad, use_chat_template
 from rlhf.models import (
     LoraConfig,
     check_generation_room,
@@ -70,6 +70,8 @@ class RewardConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, batch_size=32, micro_batch_size=16))
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    chat_template: str = "auto"
+    """How conversations (lists of messages) become tokens: auto (the tokenizer's chat template, or plain "User: ..." / "Assistant: ..." turns when it has none), none (always those plain turns), or the path of a Jinja chat template. String prompts are used as written."""
     precision: Precision = "auto"
     """fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where the hardware runs it fast."""
     disable_dropout: bool = True
@@ -98,11 +100,13 @@ class Example:
 
 
 def encode_feedback(tokenizer, record: Comparison | Rating, max_length: int) -> Example:
+    """The sequences of a record, prompt and completion rendered as `SequenceClassifierScore` renders them."""
     prompt = encode_prompt(tokenizer, record.prompt, max_length, record.source)
     if isinstance(record, Rating):
-        return Example([prompt + encode_completion(tokenizer, prompt, record.completion, max_length, record.source)], label=record.label)
+        completion = encode_completion(tokenizer, prompt, record.completion, max_length, record.source, prompt=record.prompt)
+        return Example([prompt + completion], label=record.label)
     sequences = [
-        prompt + encode_completion(tokenizer, prompt, text, max_length, record.source, record.field_name(i))
+        prompt + encode_completion(tokenizer, prompt, text, max_length, record.source, record.field_name(i), prompt=record.prompt)
         for i, text in enumerate(record.completions)
     ]
     return Example(sequences, margin=record.margin)
@@ -163,11 +167,12 @@ def evaluate(model, examples: list[Example], pad_id: int, batch_size: int, devic
     return {"accuracy": accuracy, "margin": diff.mean().item(), "pairs": float(len(diff))}
 
 
-def reference_completions(config: NormalizeConfig, records: list, device, seed: int) -> tuple[list[str], list[str]]:
+def reference_completions(config: NormalizeConfig, records: list, device, seed: int, chat_template: str) -> tuple[list[Content], list[Content]]:
     """(prompts, completions) whose scores define the zero of the reward (checklist item 7)."""
     rng = random.Random(seed)
     if config.policy:
         tokenizer = load_tokenizer(config.policy)
+        use_chat_template(tokenizer, chat_template)
         policy = load_causal_lm(config.policy, tokenizer).to(device)
         records, _ = encode_prompts(tokenizer, load_prompts(config.prompts), context_length(policy.config) - config.sampling.max_new_tokens, skip_invalid=False)
         prompts = [rng.choice(records).prompt for _ in range(config.num_samples)]
@@ -195,6 +200,7 @@ def validate(config: RewardConfig, num_processes: int) -> None:
     room for the reference samples in the normalising policy's context."""
     check_config(config, num_processes)
     check_model_path("reward.model", config.model)
+    check_chat_template(config.chat_template, "reward.chat_template")
     normalize = config.normalize
     if normalize.policy:
         check_model_path("reward.normalize.policy", normalize.policy)
@@ -215,6 +221,7 @@ def train(config: RewardConfig) -> Path:
     if len({isinstance(r, Rating) for r in records + (eval_records or [])}) > 1:
         raise DataError(", ".join(config.data.train + config.data.eval), "mixes ratings with pairs/rankings; train them in separate runs")
     tokenizer = load_tokenizer(config.model)
+    use_chat_template(tokenizer, config.chat_template)
     load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
     model = training.build_trainable(load, config.model, config.lora, "SEQ_CLS", checkpoint, config.gradient_checkpointing)
     if config.disable_dropout:
@@ -256,7 +263,8 @@ def train(config: RewardConfig) -> Path:
     path = out / "model"
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
-        bias, gain = fit_normalization(SequenceClassifierScore(model, tokenizer), config.normalize, records, device, config.seed)
+        raw_score = SequenceClassifierScore(model, tokenizer)
+        bias, gain = fit_normalization(raw_score, config.normalize, records, device, config.seed, config.chat_template)
         save_model(model, tokenizer, path, {"reward_bias": bias, "reward_gain": gain})
         result.update({"reward_bias": bias, "reward_gain": gain})
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -265,9 +273,11 @@ def train(config: RewardConfig) -> Path:
     return path
 
 
-def fit_normalization(raw_score: SequenceClassifierScore, config: NormalizeConfig, records: list, device, seed: int) -> tuple[float, float]:
+def fit_normalization(
+    raw_score: SequenceClassifierScore, config: NormalizeConfig, records: list, device, seed: int, chat_template: str
+) -> tuple[float, float]:
     """The bias (and gain) that give reference completions a mean score of 0 (and std 1)."""
-    prompts, completions = reference_completions(config, records, device, seed)
+    prompts, completions = reference_completions(config, records, device, seed, chat_template)
     raw = raw_score(prompts, completions)
     bias = -raw.mean().item()
     gain = 1.0 / raw.std().clamp(min=1e-6).item() if config.scale and len(raw) > 1 else 1.0

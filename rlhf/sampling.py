@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from rlhf import causal_lm
 from rlhf.config import NonNegative, NonNegativeInt, PositiveInt, Probability
-from rlhf.encoding import pad
+from rlhf.encoding import pad, render_prompt
 from rlhf.models import position_ids, stop_token_ids
 from rlhf.ops import logprobs_from_logits
 
@@ -326,14 +326,14 @@ class GPT2Decoder:
         return transformer.ln_f(x)
 
 
-def sample_texts(model, tokenizer, prompts: list[str], config: SamplingConfig, batch_size: int = 32, desc: str = "sampling") -> list[str]:
-    """One completion per prompt, up to the model's first stop token, decoded without special tokens."""
+def sample_texts(model, tokenizer, prompts: list, config: SamplingConfig, batch_size: int = 32, desc: str = "sampling") -> list[str]:
+    """One completion per prompt (a string or a conversation), up to the model's first stop token, decoded without special tokens."""
     texts: list[str] = []
     stop_ids = stop_token_ids(tokenizer, model)
     was_training = model.training
     model.eval()
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, dynamic_ncols=True):
-        batch = [tokenizer(p)["input_ids"] for p in prompts[i : i + batch_size]]
+        batch = [render_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
         responses, _ = sample(model, batch, tokenizer.pad_token_id, stop_ids, config)
         texts.extend(tokenizer.batch_decode(responses, skip_special_tokens=True))
     model.train(was_training)

@@ -1,9 +1,14 @@
-"""Reward sources: anything that turns (prompt, completion) texts into one score each.
+"""Reward sources: anything that turns (prompt, completion) pairs into one score each.
 
     kind: model       a reward model trained by `rlhf reward` (its stored bias/gain applied)
     kind: classifier  an existing sequence classifier; the logit of `label` scores the completion
     kind: function    a Python function `module:function`, called as
                       fn(prompts=[...], completions=[...]) -> list[float]  (TRL's signature)
+
+A prompt reaches the source as the record gave it, a string or a list of messages, so that a
+reward model renders the conversation exactly as `rlhf reward` rendered it in training. A
+function gets TRL's arguments: after a conversational prompt, each completion as a list of
+messages ([{"role": "assistant", "content": ...}]).
 
     rlhf score --reward runs/demo/reward/model --input samples.jsonl --out scored.jsonl
 """
@@ -21,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.config import ConfigError, PositiveInt
-from rlhf.data import DataError, load_demonstrations, write_jsonl
-from rlhf.encoding import pad
+from rlhf.data import Content, DataError, load_demonstrations, reply_text, write_jsonl
+from rlhf.encoding import pad, render_sequence
 from rlhf.models import check_model_path, context_length, load_sequence_classifier, load_tokenizer
 
 
 class RewardSource(Protocol):
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
         """(B,) float32 scores, one per (prompt, completion)."""
 
 
@@ -46,9 +51,10 @@ class RewardSourceConfig:
 class SequenceClassifierScore:
     """Scores from a sequence-classification model, read at the last real token (checklist item 4).
 
-    A trained reward model sees prompt + completion + EOS, as in training, and its stored
-    normalisation `reward_gain * (logit + reward_bias)` is applied. A classifier sees the
-    completion alone, the text it was trained to judge.
+    A trained reward model sees prompt and completion rendered as in training (`render_sequence`,
+    which `rlhf reward` builds its sequences with too), and its stored normalisation
+    `reward_gain * (logit + reward_bias)` is applied. A classifier sees the completion's text
+    alone, what it was trained to judge.
     """
 
     def __init__(self, model, tokenizer, label_index: int = 0, reward_model: bool = True, batch_size: int = 32, bias: float = 0.0, gain: float = 1.0):
@@ -70,15 +76,15 @@ class SequenceClassifierScore:
             return cls(model, tokenizer, 0, True, batch_size, bias, gain)
         return cls(model, tokenizer, label_index(config, label, path), False, batch_size)
 
-    def encode(self, prompt: str, completion: str) -> list[int]:
+    def encode(self, prompt: Content, completion: Content) -> list[int]:
         tok = self.tokenizer
         if not self.is_reward_model:
-            return tok(completion, truncation=True, max_length=min(self.max_length, tok.model_max_length))["input_ids"]
-        ids = tok(prompt)["input_ids"] + tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            return tok(reply_text(completion), truncation=True, max_length=min(self.max_length, tok.model_max_length))["input_ids"]
+        ids = render_sequence(tok, prompt, completion, "reward model input")
         return ids[-self.max_length :]  # an over-long prompt loses its start; the score is read at the end
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
         scores = []
         for i in range(0, len(prompts), self.batch_size):
             seqs = [self.encode(p, c) for p, c in zip(prompts[i : i + self.batch_size], completions[i : i + self.batch_size])]
@@ -104,7 +110,8 @@ class FunctionScore:
     def __init__(self, spec: str):
         self.fn, self.spec = load_function(spec, "reward function"), spec
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
+        completions = [[{"role": "assistant", "content": c}] if isinstance(p, list) and isinstance(c, str) else c for p, c in zip(prompts, completions)]
         scores = self.fn(prompts=prompts, completions=completions)
         if len(scores) != len(prompts):
             raise ValueError(f"{self.spec} returned {len(scores)} scores for {len(prompts)} completions")
@@ -158,7 +165,8 @@ def load_reward_source(config: RewardSourceConfig, device: str | torch.device = 
 
 
 def score_file(source: RewardSource, input_path: str | Path, out_path: str | Path, batch_size: int = 64) -> list[float]:
-    """Score every {prompt, completion} record of a file; write the records with a `score` field."""
+    """Score every {prompt, completion} record of a file (strings or messages); write the records
+    with a `score` field."""
     records = load_demonstrations(input_path)
     for record in records:
         if record.messages is not None:

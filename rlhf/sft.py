@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from rlhf.config import ConfigError, PositiveInt, check_ranges
 from rlhf.data import keep_valid, load_demonstrations
-from rlhf.encoding import FALLBACK_CHAT_TEMPLATE, IGNORE, encode_demonstration, pad
+from rlhf.encoding import FALLBACK_CHAT_TEMPLATE, IGNORE, check_chat_template, encode_demonstration, pad, use_chat_template
 from rlhf.models import LoraConfig, check_model_path, context_length, load_causal_lm, load_tokenizer, save_model
 from rlhf import training
 from rlhf.training import DataConfig, OptimConfig, Precision
@@ -33,6 +33,8 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, epochs=2))
+    chat_template: str = "auto"
+    """How conversations (lists of messages) become tokens: auto (the tokenizer's chat template, or plain "User: ..." / "Assistant: ..." turns when it has none), none (always those plain turns), or the path of a Jinja chat template. String prompts are used as written."""
     precision: Precision = "auto"
     """fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where the hardware runs it fast."""
     gradient_checkpointing: bool = False
@@ -97,6 +99,7 @@ def validate(config: SFTConfig, num_processes: int) -> None:
     """What can be checked before loading data or a model: the recipe, and the model's path."""
     check_config(config, num_processes)
     check_model_path("sft.model", config.model)
+    check_chat_template(config.chat_template, "sft.chat_template")
 
 
 def train(config: SFTConfig) -> Path:
@@ -111,11 +114,12 @@ def train(config: SFTConfig) -> Path:
     demos = load_demonstrations(config.data.train, config.data.skip_invalid)
     eval_demos = load_demonstrations(config.data.eval, config.data.skip_invalid) if config.data.eval else None
     tokenizer = load_tokenizer(config.model)
+    use_chat_template(tokenizer, config.chat_template)
     load = lambda name: load_causal_lm(name, tokenizer)  # noqa: E731
     model = training.build_trainable(load, config.model, config.lora, "CAUSAL_LM", checkpoint, config.gradient_checkpointing)
     max_length = min(config.data.max_length, context_length(model.config))
-    if any(d.messages is not None for d in demos) and not tokenizer.chat_template:
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    if any(d.messages is not None or isinstance(d.prompt, list) for d in demos) and not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE  # saved with the model: what it was trained on
     encode = lambda demo: encode_demonstration(tokenizer, demo, max_length)  # noqa: E731
     examples = keep_valid(demos, encode, config.data.skip_invalid, "demonstrations that do not fit the model")
     if eval_demos is not None:

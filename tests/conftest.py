@@ -200,3 +200,61 @@ def tiny_prompts(tmp_path_factory) -> Path:
 def word_count_reward(prompts, completions, **kwargs):
     """A reward that can be gamed without limit: one point per word, whatever the words."""
     return [float(len(c.split())) for c in completions]
+
+
+# ---------------------------------------------------------------- a chat model, Qwen-style
+
+# Qwen2.5's template, reduced to what it does with messages: a default system turn, ChatML
+# turns closed by <|im_end|> and a newline, tool results inside a user turn.
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def conversation_for(topic: str) -> list[dict]:
+    return [{"role": "user", "content": f"How do I get help with my {topic}?"}]
+
+
+def chat_tokenizer(eos: str = "<|im_end|>"):
+    """A byte-level BPE tokenizer with Qwen's special tokens and chat template; EOS `<|im_end|>`
+    as in the instruct models, or `<|endoftext|>` as in the base ones."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    texts = [f"system\nYou are a helpful assistant.\nuser\nHow do I get help with my {t}?\nassistant\n"
+             + rng.choice([good_reply(t), bad_reply(t, rng)]) for t in TOPICS for _ in range(20)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=eos, pad_token="<|endoftext|>", additional_special_tokens=specials[1:], chat_template=QWEN_TEMPLATE
+    )
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer GPT-2 with the instruct chat tokenizer (EOS <|im_end|>)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    import torch
+
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("chat") / "base"
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -46,3 +46,24 @@ def test_candidates_end_at_the_chat_templates_end_of_turn(chat_model_dir, chat_p
     # of turn the text would read " world world ...".
     generate(str(chat_model_dir), [str(chat_prompts)], tmp_path / "candidates.jsonl", 2, SamplingConfig(temperature=1.0, max_new_tokens=8))
     assert [c.completion for r in load_candidates(tmp_path / "candidates.jsonl") for c in r.candidates] == [""] * 6 + ["hello"] * 2
+
+
+def test_conversational_prompts_are_rendered_and_kept_as_given(chat_model_dir, tmp_path, monkeypatch):
+    from conftest import TOPICS, conversation_for, write_jsonl
+    from rlhf import sampling
+    from rlhf.generate import generate
+    from rlhf.models import load_tokenizer
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": conversation_for(t)} for t in TOPICS])
+    seen, original = [], sampling.sample
+
+    def spy(model, prompt_ids, *args):
+        seen.extend(prompt_ids)
+        return original(model, prompt_ids, *args)
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    generate(str(chat_model_dir), [str(prompts)], tmp_path / "candidates.jsonl", 2, sampling.SamplingConfig(max_new_tokens=4))
+    tokenizer = load_tokenizer(str(chat_model_dir))
+    generation_prompt = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert len(seen) == 2 * len(TOPICS) and all(ids[-len(generation_prompt) :] == generation_prompt for ids in seen)
+    assert [r.prompt for r in load_candidates(tmp_path / "candidates.jsonl")] == [conversation_for(t) for t in TOPICS]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import TOPICS, bad_reply, good_reply, prompt_for, write_jsonl
+from conftest import TOPICS, bad_reply, conversation_for, good_reply, prompt_for, write_jsonl
 from rlhf import reward
 from rlhf.models import load_sequence_classifier, load_tokenizer, score_head
 from rlhf.scoring import RewardSourceConfig, load_reward_source
@@ -89,6 +89,36 @@ def test_ratings_train_above_chance(tiny_model_dir, tmp_path):
     reward.train(_config(tiny_model_dir, train, tmp_path / "rm", eval=[str(held)]))
     result = json.loads((tmp_path / "rm" / "eval.json").read_text())
     assert result["accuracy"] >= 0.8
+
+
+def conversational_pairs(n: int, seed: int, implicit: bool) -> list[dict]:
+    """Pairs in TRL's conversational format: explicit ({prompt, chosen, rejected} message lists)
+    or with an implicit prompt (chosen and rejected whole conversations, as in hh-rlhf)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        topic = rng.choice(list(TOPICS))
+        prompt = conversation_for(topic)
+        chosen, rejected = ([{"role": "assistant", "content": text.strip()}] for text in (good_reply(topic), bad_reply(topic, rng)))
+        records.append({"chosen": prompt + chosen, "rejected": prompt + rejected} if implicit else {"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return records
+
+
+@pytest.mark.parametrize("source", ["implicit prompts", "conversational pairs", "save_to_disk folder"])
+def test_conversational_preferences_train_above_chance(chat_model_dir, tmp_path, source):
+    implicit = source == "implicit prompts"
+    train, held = conversational_pairs(96, 7, implicit), conversational_pairs(32, 8, implicit)
+    if source == "save_to_disk folder":
+        import datasets
+
+        splits = {"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(held)}
+        datasets.DatasetDict(splits).save_to_disk(tmp_path / "prefs")
+        train_source, held_source = str(tmp_path / "prefs"), f"{tmp_path / 'prefs'}:test"
+    else:
+        train_source, held_source = write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "held.jsonl", held)
+    reward.train(_config(chat_model_dir, train_source, tmp_path / "rm", eval=[str(held_source)]))
+    result = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    assert result["pairs"] == 32 and result["accuracy"] >= 0.8
 
 
 def test_function_and_classifier_sources(tiny_model_dir, tmp_path):

@@ -149,3 +149,13 @@ def test_the_logged_learning_rate_is_the_one_each_step_used(tiny_model_dir, tiny
     # Steps 1-4 warm up at 0, 1/4, 2/4, 3/4 of lr; steps 5-6 decay linearly: (6 - 4) / 2, (6 - 5) / 2.
     logged = [m["train/lr"] for m in read_metrics(tmp_path)]
     assert logged == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 5e-4], rel=1e-9, abs=1e-12)
+
+
+def test_conversations_on_a_tokenizer_without_a_template_save_the_plain_one(tiny_model_dir, tmp_path):
+    from conftest import TOPICS, conversation_for, write_jsonl
+
+    demos = [{"prompt": conversation_for(t), "completion": [{"role": "assistant", "content": "Happy to help."}]} for t in TOPICS for _ in range(3)]
+    config = _config(tiny_model_dir, {"sft": write_jsonl(tmp_path / "chat.jsonl", demos)}, tmp_path / "sft", max_steps=1)
+    path = sft.train(config)
+    assert AutoTokenizer.from_pretrained(tiny_model_dir).chat_template is None
+    assert AutoTokenizer.from_pretrained(path).chat_template == FALLBACK_CHAT_TEMPLATE

@@ -33,6 +33,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from rlhf.data import Content, as_text
 from rlhf.label import agreement
 from rlhf.label.db import SESSION_SECONDS, Answer, Item, Project, Session, Store, StoreError
 
@@ -149,8 +150,9 @@ def percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.0f}%"
 
 
-def excerpt(text: str, size: int = 120) -> str:
-    text = " ".join(text.split())
+def excerpt(text: Content, size: int = 120) -> str:
+    """One line of a prompt or completion for a table; a conversation as its "role: content" text."""
+    text = " ".join(as_text(text).split())
     return text if len(text) <= size else text[: size - 1] + "…"
 
 

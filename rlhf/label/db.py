@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-from rlhf.data import Candidates
+from rlhf.data import Candidates, Content, as_text
 
 Task = Literal["pair", "rank", "rate"]
 Scale = Literal["thumbs", "1-7"]
@@ -48,10 +48,11 @@ CREATE TABLE IF NOT EXISTS project (
 );
 CREATE TABLE IF NOT EXISTS items (
     id          INTEGER PRIMARY KEY,
-    prompt      TEXT NOT NULL,
+    prompt      TEXT NOT NULL,           -- a conversation's as "role: content" text (see `messages`)
     completions TEXT NOT NULL,           -- JSON list: 2 for a pair, K for a ranking, 1 for a rating
     fingerprint TEXT NOT NULL UNIQUE,    -- sha256 of prompt and completions: importing twice adds nothing
-    source      TEXT NOT NULL            -- file:line of the candidates record
+    source      TEXT NOT NULL,           -- file:line of the candidates record
+    messages    TEXT                     -- JSON list of {role, content} when the prompt is a conversation
 );
 CREATE TABLE IF NOT EXISTS labelers (
     id          INTEGER PRIMARY KEY,
@@ -118,9 +119,15 @@ class Project:
 @dataclass(frozen=True)
 class Item:
     id: int
-    prompt: str
+    prompt: Content
+    """As the candidates file gave it: a string or a list of messages."""
     completions: list[str]
     source: str
+
+
+def _item(row: sqlite3.Row, id_column: str = "id") -> Item:
+    prompt = json.loads(row["messages"]) if row["messages"] is not None else row["prompt"]
+    return Item(row[id_column], prompt, json.loads(row["completions"]), row["source"])
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,7 @@ def _answer(row: sqlite3.Row) -> Answer:
 # ---------------------------------------------------------------- items from candidates
 
 
-def build_items(records: list[Candidates], task: Task) -> tuple[list[tuple[str, list[str], str]], int]:
+def build_items(records: list[Candidates], task: Task) -> tuple[list[tuple[Content, list[str], str]], int]:
     """(prompt, completions, source) per item, and how many candidates were left out.
 
     pair: every two distinct completions of a prompt; rank: all of them (at least two);
@@ -202,6 +209,12 @@ class Store:
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(SCHEMA)
+        if "messages" not in {row["name"] for row in conn.execute("PRAGMA table_info(items)")}:
+            try:  # a project file from before conversational prompts
+                conn.execute("ALTER TABLE items ADD COLUMN messages TEXT")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -277,14 +290,17 @@ class Store:
             )
         return stored
 
-    def add_items(self, items: list[tuple[str, list[str], str]]) -> int:
+    def add_items(self, items: list[tuple[Content, list[str], str]]) -> int:
         """Insert items not already present; returns how many were new."""
         with self.write() as conn:
             before = conn.total_changes
             conn.executemany(
-                "INSERT OR IGNORE INTO items (prompt, completions, fingerprint, source) VALUES (?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO items (prompt, messages, completions, fingerprint, source) VALUES (?, ?, ?, ?, ?)",
                 [
-                    (prompt, json.dumps(texts, ensure_ascii=False), _hash(json.dumps([prompt, texts])), source)
+                    (
+                        as_text(prompt), json.dumps(prompt, ensure_ascii=False) if isinstance(prompt, list) else None,
+                        json.dumps(texts, ensure_ascii=False), _hash(json.dumps([prompt, texts])), source,
+                    )
                     for prompt, texts, source in items
                 ],
             )
@@ -293,7 +309,7 @@ class Store:
     def item(self, item_id: int) -> Item | None:
         with self.read() as conn:
             row = conn.execute("SELECT * FROM items WHERE id = ?", (item_id,)).fetchone()
-        return Item(row["id"], row["prompt"], json.loads(row["completions"]), row["source"]) if row else None
+        return _item(row) if row else None
 
     # ------------------------------------------------------------ labelers and sessions
 
@@ -386,7 +402,7 @@ class Store:
                     (row["item_id"], labeler_id, now),
                 )
             item = conn.execute("SELECT * FROM items WHERE id = ?", (row["item_id"],)).fetchone()
-        return Item(item["id"], item["prompt"], json.loads(item["completions"]), item["source"])
+        return _item(item)
 
     def progress(self, labeler_id: int, overlap: int) -> dict:
         """Counts for the progress bars: this labeler's answers and what is left for them, and
@@ -493,13 +509,13 @@ class Store:
     def answers_of(self, labeler_id: int, limit: int = 100) -> list[tuple[Answer, Item]]:
         with self.read() as conn:
             rows = conn.execute(
-                "SELECT a.*, l.name, i.prompt, i.completions, i.source FROM answers a"
+                "SELECT a.*, l.name, i.prompt, i.messages, i.completions, i.source FROM answers a"
                 " JOIN labelers l ON l.id = a.labeler_id JOIN items i ON i.id = a.item_id"
                 " WHERE a.labeler_id = ? ORDER BY a.id DESC LIMIT ?",
                 (labeler_id, limit),
             ).fetchall()
         return [
-            (_answer(r), Item(r["item_id"], r["prompt"], json.loads(r["completions"]), r["source"])) for r in rows
+            (_answer(r), _item(r, "item_id")) for r in rows
         ]
 
     # ------------------------------------------------------------ admin and export
@@ -520,7 +536,7 @@ class Store:
             rows = conn.execute("SELECT * FROM items ORDER BY id").fetchall()
         wanted = None if ids is None else set(ids)
         return {
-            r["id"]: Item(r["id"], r["prompt"], json.loads(r["completions"]), r["source"])
+            r["id"]: _item(r)
             for r in rows
             if wanted is None or r["id"] in wanted
         }

@@ -4,6 +4,10 @@
     rank    {"prompt", "completions": [best, ..., worst], "labeler", "timestamp", "reason"?}
     rate    {"prompt", "completion", "label", "labeler", "timestamp", "reason"?}   label: 0/1 or 1..7
 
+The prompt is written as the candidates file gave it. After a conversational prompt (a list of
+messages) each completion is written as TRL's conversational format has it,
+[{"role": "assistant", "content": ...}], so that the file is all of one format.
+
 Ties and skips carry no preference and are left out; so are undone answers. `timestamp` is the
 time the answer was stored, in UTC (ISO 8601).
 """
@@ -33,15 +37,16 @@ def records(store: Store) -> tuple[list[dict], Counter]:
             counts["ties"] += 1
             continue
         record: dict = {"prompt": item.prompt}
+        completions = [[{"role": "assistant", "content": c}] for c in item.completions] if isinstance(item.prompt, list) else item.completions
         if project.task == "pair":
-            record["chosen"] = item.completions[answer.value]
-            record["rejected"] = item.completions[1 - answer.value]
+            record["chosen"] = completions[answer.value]
+            record["rejected"] = completions[1 - answer.value]
             counts["pairs"] += 1
         elif project.task == "rank":
-            record["completions"] = [item.completions[c] for c in answer.value]
+            record["completions"] = [completions[c] for c in answer.value]
             counts["rankings"] += 1
         else:
-            record["completion"] = item.completions[0]
+            record["completion"] = completions[0]
             record["label"] = answer.value
             counts["ratings"] += 1
         record["labeler"] = answer.labeler

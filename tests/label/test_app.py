@@ -317,6 +317,37 @@ def test_export_command(tmp_path, client_for):
     assert sorted(r.label for r in load_feedback(tmp_path / "out.jsonl")) == [0, 1]
 
 
+def test_a_conversation_is_shown_as_turns_and_exported_as_conversational_records(tmp_path, client_for):
+    evil = '<script>alert(1)</script>'
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi {evil}"}]
+    db = make_project(tmp_path, "pair", [(conversation, ["Hello.", f"Go away {evil}"])])
+    alice = Labeler(client_for(db), invite(db, "alice", admin=True))
+    page = alice.page
+    turns = re.findall(r'<li class="turn" data-role="(\w+)">\s*<span class="role">\w+</span>\s*<div class="text">([^<]*)</div>', page)
+    assert turns == [("system", "Be brief."), ("user", "Hi &lt;script&gt;alert(1)&lt;/script&gt;")]
+    assert "<script>alert" not in page and "im_start" not in page
+    admin = alice.client.get(f"/admin/items/{alice.item_id}", headers={"accept": "text/html"}).text
+    assert 'data-role="user"' in admin and "<script>alert" not in admin
+    alice.prefer(0)
+    assert "system: Be brief. user: Hi &lt;script&gt;" in alice.client.get("/answers").text  # the excerpt
+
+    export(Store(db), tmp_path / "pairs.jsonl")
+    (pair,) = load_feedback(tmp_path / "pairs.jsonl")
+    assert pair.prompt == conversation
+    assert pair.completions == [[{"role": "assistant", "content": "Hello."}], [{"role": "assistant", "content": f"Go away {evil}"}]]
+
+
+def test_a_project_file_from_before_conversations_still_opens(tmp_path, client_for):
+    import sqlite3
+
+    db = make_project(tmp_path, "pair", PAIRS[:1])
+    with sqlite3.connect(db) as conn:  # the items table as it was: no messages column
+        conn.execute("ALTER TABLE items DROP COLUMN messages")
+    alice = Labeler(client_for(db), invite(db, "alice"))
+    assert "Prompt 0" in alice.page
+    assert Store(db).item(alice.item_id).prompt == "Prompt 0"
+
+
 # ---------------------------------------------------------------- admin page figures
 
 
