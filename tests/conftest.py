@@ -67,14 +67,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 # The shape of Qwen2.5's template: a turn is "<|im_start|>role\ncontent<|im_end|>\n".
-CHAT_TEMPLATE = (
+TURN_END_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-CHAT_TEXTS = ["hello", "hello world", "how do I get a refund?", "thanks", "user", "assistant", "system"]
+TURN_END_TEXTS = ["hello", "hello world", "how do I get a refund?", "thanks", "user", "assistant", "system"]
 
 
-def chat_tokenizer():
+def turn_end_tokenizer():
     """A Qwen2 tokenizer over a byte-level BPE trained on a few words: EOS <|endoftext|>, turns
     closed by <|im_end|>, no pad token (the class transformers loads for a Qwen2 checkpoint)."""
     import json
@@ -85,21 +85,21 @@ def chat_tokenizer():
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(CHAT_TEXTS * 10, trainer)
+    bpe.train_from_iterator(TURN_END_TEXTS * 10, trainer)
     model = json.loads(bpe.to_str())["model"]
     tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], eos_token="<|endoftext|>", pad_token=None)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = TURN_END_TEMPLATE
     return tokenizer
 
 
-def chat_prompt(text: str) -> str:
+def turn_end_prompt(text: str) -> str:
     """A user turn and the start of the assistant's, as the chat template renders them."""
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="session")
-def chat_model_dir(tmp_path_factory) -> Path:
+def turn_end_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Qwen2 that answers a prompt with <|im_end|>, the chat template's end of turn, and
     says " world" after it; a prompt that ends in "assistant" (no newline after it) it answers
     with "hello" first. Its tokenizer's EOS and its generation config's are <|endoftext|> (as a
@@ -112,7 +112,7 @@ def chat_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = chat_tokenizer()
+    tokenizer = turn_end_tokenizer()
     eos, turn_end, world, assistant, hello = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "Ġworld", "assistant", "hello"])
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -138,10 +138,10 @@ def chat_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def chat_prompts(tmp_path_factory) -> Path:
-    """Four prompts for `chat_model_dir`: three answered by <|im_end|>, the last by "hello<|im_end|>"."""
+def turn_end_prompts(tmp_path_factory) -> Path:
+    """Four prompts for `turn_end_model_dir`: three answered by <|im_end|>, the last by "hello<|im_end|>"."""
     root = tmp_path_factory.mktemp("chat_prompts")
-    prompts = [chat_prompt(t) for t in ("hello", "how do I get a refund?", "thanks")] + [chat_prompt("hello world").rstrip("\n")]
+    prompts = [turn_end_prompt(t) for t in ("hello", "how do I get a refund?", "thanks")] + [turn_end_prompt("hello world").rstrip("\n")]
     return write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in prompts])
 
 

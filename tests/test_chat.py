@@ -161,7 +161,7 @@ def test_ppo_and_eval_roll_out_on_the_rendered_conversation(chat_model_dir, tmp_
     generation_prompt = tokenizer(GENERATION_PROMPT if chat_template == "auto" else "\nAssistant:", add_special_tokens=False)["input_ids"]
     seen: dict[str, list] = {"ppo": [], "eval": []}
     for module, key in ((ppo, "ppo"), (evaluation, "eval")):
-        name = "sample_with_logprobs" if module is ppo else "sample"
+        name = "sample_with_logprobs"
         original = getattr(module, name)
 
         def spy(model, prompt_ids, *args, _original=original, _key=key, **kwargs):

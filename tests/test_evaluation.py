@@ -43,17 +43,17 @@ def test_report_compares_policies_with_the_oracle(tiny_sft_dir, tiny_prompts, tm
         assert (tmp_path / "eval" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_eos_fraction_counts_the_end_of_turn(chat_model_dir, chat_prompts, tmp_path):
+def test_the_eos_fraction_counts_the_end_of_turn(turn_end_model_dir, turn_end_prompts, tmp_path):
     # The policy answers <|im_end|> (after "hello" to the last prompt), then " world"; its
     # tokenizer's EOS is <|endoftext|>.
     evaluation.evaluate(evaluation.EvalConfig(
-        reference=str(chat_model_dir), prompts=[str(chat_prompts)], generation=SamplingConfig(temperature=1.0, max_new_tokens=8),
+        reference=str(turn_end_model_dir), prompts=[str(turn_end_prompts)], generation=SamplingConfig(temperature=1.0, max_new_tokens=8),
         output_dir=str(tmp_path),
     ))
     (row,) = json.loads((tmp_path / "results.json").read_text())
     assert row["eos_fraction"] == 1.0 and row["length"] == 1.25 and row["prompts"] == 4  # lengths 1, 1, 1, 2
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert [s[str(chat_model_dir)]["completion"] for s in samples] == ["", "", "", "hello"]
+    assert [s[str(turn_end_model_dir)]["completion"] for s in samples] == ["", "", "", "hello"]
 
 
 def test_report_escapes_model_output():

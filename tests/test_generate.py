@@ -41,10 +41,10 @@ def test_a_prompt_too_long_for_the_model_is_named_without_a_traceback(tiny_model
     assert f"error: {prompts}:2: field 'prompt':" in result.stderr and "the model allows at most 48" in result.stderr
 
 
-def test_candidates_end_at_the_chat_templates_end_of_turn(chat_model_dir, chat_prompts, tmp_path):
+def test_candidates_end_at_the_chat_templates_end_of_turn(turn_end_model_dir, turn_end_prompts, tmp_path):
     # The model answers <|im_end|> (after "hello" to the last prompt), then " world": past the end
     # of turn the text would read " world world ...".
-    generate(str(chat_model_dir), [str(chat_prompts)], tmp_path / "candidates.jsonl", 2, SamplingConfig(temperature=1.0, max_new_tokens=8))
+    generate(str(turn_end_model_dir), [str(turn_end_prompts)], tmp_path / "candidates.jsonl", 2, SamplingConfig(temperature=1.0, max_new_tokens=8))
     assert [c.completion for r in load_candidates(tmp_path / "candidates.jsonl") for c in r.candidates] == [""] * 6 + ["hello"] * 2
 
 

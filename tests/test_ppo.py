@@ -18,7 +18,7 @@ from rlhf.scoring import RewardSourceConfig, load_reward_source
 from rlhf.tracking import Tracker, read_metrics
 from safetensors.torch import load_file
 
-from conftest import chat_prompt
+from conftest import turn_end_prompt
 
 
 def make_config(policy, prompts, out, **stop) -> ppo.PPOConfig:
@@ -193,15 +193,15 @@ def test_the_missing_eos_penalty_replaces_the_score_of_responses_without_eos(tin
     assert batch.scores.tolist() == [21.0, 25.0]
 
 
-def test_a_rollout_ends_at_the_chat_templates_end_of_turn(chat_model_dir, tmp_path):
+def test_a_rollout_ends_at_the_chat_templates_end_of_turn(turn_end_model_dir, tmp_path):
     # The policy answers <|im_end|> (after "hello" where the prompt ends in "assistant"), then
     # " world"; its tokenizer's EOS is <|endoftext|>.
-    config = make_config(chat_model_dir, tmp_path / "unused.jsonl", tmp_path)
+    config = make_config(turn_end_model_dir, tmp_path / "unused.jsonl", tmp_path)
     config.reward.path = "conftest:length_reward"
-    tokenizer = load_tokenizer(str(chat_model_dir))
+    tokenizer = load_tokenizer(str(turn_end_model_dir))
     model, reference = ppo.build_models(config, tokenizer, torch.device("cpu"))
     model.eval()
-    prompts = [tokenizer(text)["input_ids"] for text in (chat_prompt("thanks"), chat_prompt("hello").rstrip("\n"))]
+    prompts = [tokenizer(text)["input_ids"] for text in (turn_end_prompt("thanks"), turn_end_prompt("hello").rstrip("\n"))]
     batch, info = ppo.rollout(model, reference, prompts, ["p"] * 2, load_reward_source(config.reward), config, tokenizer, torch.device("cpu"), False)
     turn_end, hello, pad_id = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("hello"), tokenizer.pad_token_id
     assert batch.responses.tolist() == [[turn_end, pad_id], [hello, turn_end]]

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import chat_tokenizer
+from conftest import turn_end_tokenizer
 from rlhf.models import load_causal_lm, load_tokenizer, save_model, stop_token_ids, turn_end_ids
 
 # The shape of Llama-3's template: a turn is "<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>".
@@ -37,7 +37,7 @@ def ids(tokenizer, *tokens: str) -> list[int]:
 
 
 def test_a_qwen_style_tokenizer_stops_at_its_eos_and_at_the_end_of_turn_of_its_template():
-    tokenizer = chat_tokenizer()  # eos <|endoftext|>, turns closed by "<|im_end|>\n", no pad
+    tokenizer = turn_end_tokenizer()  # eos <|endoftext|>, turns closed by "<|im_end|>\n", no pad
     assert tokenizer.pad_token_id is None
     assert turn_end_ids(tokenizer) == ids(tokenizer, "<|im_end|>")
     base = GenerationConfig(eos_token_id=tokenizer.eos_token_id)  # a base model's: <|endoftext|> alone
@@ -60,7 +60,7 @@ def test_a_llama3_style_tokenizer_adds_every_id_of_the_generation_configs_list()
 
 def test_the_pad_token_is_never_a_stop_token():
     # Qwen2.5-Instruct: eos <|im_end|>, pad <|endoftext|>, and both in the generation config's list
-    tokenizer = chat_tokenizer()
+    tokenizer = turn_end_tokenizer()
     tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
     listed = GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     assert stop_token_ids(tokenizer, listed) == ids(tokenizer, "<|im_end|>")
@@ -81,7 +81,7 @@ def qwen2_dir(path, tokenizer, eos_token_id: list[int]):
 
 @pytest.mark.parametrize("listed", [["<|im_end|>", "<|endoftext|>"], ["<|im_end|>"]])
 def test_loading_and_saving_keep_the_eos_list(listed, tmp_path):
-    tokenizer = chat_tokenizer()  # eos <|endoftext|>
+    tokenizer = turn_end_tokenizer()  # eos <|endoftext|>
     listed_ids = tokenizer.convert_tokens_to_ids(listed)
     path = qwen2_dir(tmp_path / "base", tokenizer, listed_ids)
     tokenizer = load_tokenizer(str(path))
