@@ -74,7 +74,7 @@ TURN_END_TEMPLATE = (
 TURN_END_TEXTS = ["hello", "hello world", "how do I get a refund?", "thanks", "user", "assistant", "system"]
 
 
-def turn_end_tokenizer():
+def turn_end_tokenizer(texts: list[str] = TURN_END_TEXTS, vocab_size: int = 300):
     """A Qwen2 tokenizer over a byte-level BPE trained on a few words: EOS <|endoftext|>, turns
     closed by <|im_end|>, no pad token (the class transformers loads for a Qwen2 checkpoint)."""
     import json
@@ -84,8 +84,8 @@ def turn_end_tokenizer():
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(TURN_END_TEXTS * 10, trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts * 10, trainer)
     model = json.loads(bpe.to_str())["model"]
     tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], eos_token="<|endoftext|>", pad_token=None)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
