@@ -258,3 +258,33 @@ def chat_model_dir(tmp_path_factory) -> Path:
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------- every supported architecture
+
+LLAMA_LIKE = dict(intermediate_size=64, num_key_value_heads=2)  # grouped-query attention
+# The transformers class prefix of each architecture the project supports besides GPT-2, and
+# what its tiny model sets beyond the sizes every one shares.
+ARCHITECTURES = {
+    "llama": ("Llama", LLAMA_LIKE),
+    "qwen2": ("Qwen2", LLAMA_LIKE),
+    "qwen3": ("Qwen3", dict(LLAMA_LIKE, head_dim=8)),  # norms on queries and keys
+    "mistral": ("Mistral", dict(LLAMA_LIKE, sliding_window=8)),  # responses run past the window
+    "gemma2": ("Gemma2", dict(LLAMA_LIKE, head_dim=8, sliding_window=8)),  # softcapping, sliding and full layers
+    "gpt-neox": ("GPTNeoX", dict(intermediate_size=64)),  # rotary on a quarter of each head, parallel residual
+    "opt": ("OPT", dict(ffn_dim=64, word_embed_proj_dim=32)),  # learned positions
+    "phi3": ("Phi3", LLAMA_LIKE),  # fused qkv and gate-up projections
+}
+
+
+def tiny_causal_lm(arch: str, vocab: int, **ids):
+    """A random 2-layer causal LM of `arch` (a key of ARCHITECTURES), hidden size 32, 64 positions,
+    with the token ids given (bos_token_id, eos_token_id, pad_token_id)."""
+    import torch
+
+    name, settings = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, **ids, **settings
+    )
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()
