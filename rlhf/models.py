@@ -1,7 +1,7 @@
 """Loading and saving models: any Hugging Face causal LM by local path or hub id, full or LoRA.
 
 The rules that every stage shares live here: a tokenizer always has a pad token distinct from
-EOS (checklist item 1), position ids follow left padding (item 2), a fresh reward head is
+every stop token (checklist item 1), position ids follow left padding (item 2), a fresh reward head is
 initialised N(0, 1/sqrt(d+1)) (item 7), a response ends at any of the model's stop tokens
 (`stop_token_ids`: EOS, the chat template's end of turn, the generation config's EOS ids, which
 loading and saving keep), and a saved model loads back with plain transformers.
@@ -73,15 +73,29 @@ def check_generation_room(key: str, name: str, max_new_tokens: int) -> None:
 
 
 def load_tokenizer(name: str, require_eos: bool = True):
-    """The model's tokenizer, with a pad token distinct from EOS added when it has none."""
+    """The model's tokenizer, with a fresh pad token added when it has none or its pad is one of
+    the model's stop tokens (its EOS, its template's end of turn, an EOS id of the model's
+    generation config: Qwen2.5-Instruct pads with <|endoftext|>, which its generation config lists)."""
     tokenizer = AutoTokenizer.from_pretrained(name)
     if require_eos and tokenizer.eos_token_id is None:
         raise ConfigError(f"{name}: the tokenizer has no EOS token; set one before training")
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # Reusing EOS as pad masks EOS out of the loss, and the policy never learns to stop.
+    pad = tokenizer.pad_token_id
+    if pad is None or pad == tokenizer.eos_token_id or pad in turn_end_ids(tokenizer) or pad in _listed_eos_ids(name):
+        # A stop token as pad is masked out of the loss, and the policy never learns to stop there.
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        log.info("%s: added pad token %s (id %d), distinct from EOS", name, PAD_TOKEN, tokenizer.pad_token_id)
+        log.info("%s: added pad token %s (id %d), distinct from every stop token", name, PAD_TOKEN, tokenizer.pad_token_id)
     return tokenizer
+
+
+def _listed_eos_ids(name: str) -> list[int]:
+    """The EOS ids of the generation config saved with model `name`; [] where it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(name).eos_token_id
+    except OSError:  # no generation_config.json (a tokenizer alone, a classifier)
+        return []
+    return [listed] if isinstance(listed, int) else list(listed or [])
 
 
 def _fit_vocab(model, tokenizer) -> None:

@@ -74,7 +74,7 @@ TURN_END_TEMPLATE = (
 TURN_END_TEXTS = ["hello", "hello world", "how do I get a refund?", "thanks", "user", "assistant", "system"]
 
 
-def turn_end_tokenizer():
+def turn_end_tokenizer(texts: list[str] = TURN_END_TEXTS, vocab_size: int = 300):
     """A Qwen2 tokenizer over a byte-level BPE trained on a few words: EOS <|endoftext|>, turns
     closed by <|im_end|>, no pad token (the class transformers loads for a Qwen2 checkpoint)."""
     import json
@@ -84,8 +84,8 @@ def turn_end_tokenizer():
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(TURN_END_TEXTS * 10, trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts * 10, trainer)
     model = json.loads(bpe.to_str())["model"]
     tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]], eos_token="<|endoftext|>", pad_token=None)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -258,3 +258,33 @@ def chat_model_dir(tmp_path_factory) -> Path:
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------- every supported architecture
+
+LLAMA_LIKE = dict(intermediate_size=64, num_key_value_heads=2)  # grouped-query attention
+# The transformers class prefix of each architecture the project supports besides GPT-2, and
+# what its tiny model sets beyond the sizes every one shares.
+ARCHITECTURES = {
+    "llama": ("Llama", LLAMA_LIKE),
+    "qwen2": ("Qwen2", LLAMA_LIKE),
+    "qwen3": ("Qwen3", dict(LLAMA_LIKE, head_dim=8)),  # norms on queries and keys
+    "mistral": ("Mistral", dict(LLAMA_LIKE, sliding_window=8)),  # responses run past the window
+    "gemma2": ("Gemma2", dict(LLAMA_LIKE, head_dim=8, sliding_window=8)),  # softcapping, sliding and full layers
+    "gpt-neox": ("GPTNeoX", dict(intermediate_size=64)),  # rotary on a quarter of each head, parallel residual
+    "opt": ("OPT", dict(ffn_dim=64, word_embed_proj_dim=32)),  # learned positions
+    "phi3": ("Phi3", LLAMA_LIKE),  # fused qkv and gate-up projections
+}
+
+
+def tiny_causal_lm(arch: str, vocab: int, **ids):
+    """A random 2-layer causal LM of `arch` (a key of ARCHITECTURES), hidden size 32, 64 positions,
+    with the token ids given (bos_token_id, eos_token_id, pad_token_id)."""
+    import torch
+
+    name, settings = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, **ids, **settings
+    )
+    return getattr(transformers, f"{name}ForCausalLM")(config).eval()

@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 import torch
-import transformers
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
+from conftest import ARCHITECTURES, tiny_causal_lm
 from rlhf import causal_lm, sampling
 from rlhf.encoding import pad
 from rlhf.models import LoraConfig, add_lora, position_ids, stop_token_ids
@@ -95,35 +95,18 @@ def with_lora(model):
     return model.eval()
 
 
-def tiny(name: str, **settings):
-    """A builder of a random 2-layer `name` model (a transformers class prefix) with the test's ids."""
-    config_class, model_class = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
-
-    def build(vocab: int = VOCAB):
-        torch.manual_seed(0)
-        config = config_class(
-            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-            bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD, **settings,
-        )
-        return model_class(config).eval()
-
-    return build
+def tiny(arch: str):
+    """A builder of a random 2-layer model of `arch` (conftest.ARCHITECTURES) with the test's ids."""
+    return lambda vocab=VOCAB: tiny_causal_lm(arch, vocab, bos_token_id=2, eos_token_id=EOS, pad_token_id=PAD)
 
 
-LLAMA_LIKE = dict(intermediate_size=64, num_key_value_heads=2)  # grouped-query attention
-llama = tiny("Llama", **LLAMA_LIKE)
+llama = tiny("llama")
 MODELS = {
     "gpt2": gpt2,
     "gpt2+lora": lambda vocab=VOCAB: with_lora(gpt2(vocab)),
     "llama": llama,
     "llama+lora": lambda vocab=VOCAB: with_lora(llama(vocab)),
-    "qwen2": tiny("Qwen2", **LLAMA_LIKE),
-    "qwen3": tiny("Qwen3", **LLAMA_LIKE, head_dim=8),  # norms on queries and keys
-    "mistral": tiny("Mistral", **LLAMA_LIKE, sliding_window=8),  # responses run past the window
-    "gemma2": tiny("Gemma2", **LLAMA_LIKE, head_dim=8, sliding_window=8),  # softcapping, sliding and full layers
-    "gpt-neox": tiny("GPTNeoX", intermediate_size=64),  # rotary on a quarter of each head, parallel residual
-    "opt": tiny("OPT", ffn_dim=64, word_embed_proj_dim=32),  # learned positions
-    "phi3": tiny("Phi3", **LLAMA_LIKE),  # fused qkv and gate-up projections
+    **{arch: tiny(arch) for arch in ARCHITECTURES if arch != "llama"},
 }
 SETTINGS = {
     "t1": SamplingConfig(temperature=1.0, max_new_tokens=20),

@@ -92,3 +92,14 @@ def test_loading_and_saving_keep_the_eos_list(listed, tmp_path):
     assert json.loads((saved / "generation_config.json").read_text())["eos_token_id"] == expected
     assert json.loads((saved / "config.json").read_text())["eos_token_id"] == expected
     assert stop_token_ids(tokenizer, load_causal_lm(str(saved), load_tokenizer(str(saved)))) == sorted(expected)
+
+
+def test_a_pad_token_the_generation_config_lists_as_eos_is_replaced(tmp_path):
+    # Qwen2.5-Instruct: eos <|im_end|>, pad <|endoftext|>, and the generation config stops at both
+    tokenizer = turn_end_tokenizer()
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    listed = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    path = qwen2_dir(tmp_path / "instruct", tokenizer, listed)
+    loaded = load_tokenizer(str(path))
+    assert loaded.pad_token_id not in listed
+    assert stop_token_ids(loaded, load_causal_lm(str(path), loaded)) == sorted(listed)  # <|endoftext|> stops again
