@@ -20,12 +20,15 @@ The chat template is the tokenizer's own, or FALLBACK_CHAT_TEMPLATE when it has 
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
+import jinja2
 import torch
 
 from rlhf.config import ConfigError
 from rlhf.data import Content, DataError, Demonstration, keep_valid
+from rlhf.models import turn_end_ids
 
 IGNORE = -100
 
@@ -56,28 +59,44 @@ def use_chat_template(tokenizer, setting: str) -> None:
         tokenizer.chat_template = Path(setting).read_text(encoding="utf-8")
 
 
-def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool, where: str = "", field: str = "messages") -> list[int]:
     # Rendered to text and tokenized without special tokens: the template writes them (BOS too).
     template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
+    except jinja2.TemplateError as error:  # raise_exception in the template: "System role not supported", ...
+        raise DataError(where or "a conversation", f"the chat template refuses it: {error}", field) from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+_stop_sets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def turn_stops(tokenizer) -> set[int]:
+    """EOS and the special tokens the chat template closes an assistant turn with (`<|im_end|>`):
+    where a turn's trained tokens end. Found once per tokenizer and template."""
+    key = (tokenizer.chat_template, tokenizer.eos_token_id)
+    cached = _stop_sets.get(tokenizer)
+    if cached is None or cached[0] != key:
+        cached = _stop_sets[tokenizer] = (key, {tokenizer.eos_token_id, *turn_end_ids(tokenizer)} - {None})
+    return cached[1]
+
+
 def _turn_end(tokenizer, ids: list[int]) -> int | None:
-    """How many of a turn's `ids` to keep: through its last stop token (EOS or a special token,
-    such as `<|im_end|>`), leaving out whitespace after it; None when the turn has no stop token."""
-    stops = {tokenizer.eos_token_id} | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    """How many of a turn's `ids` to keep: through its last stop token (`turn_stops`), leaving out
+    whitespace after it; None when the turn has no stop token."""
+    stops = turn_stops(tokenizer)
     end = len(ids)
     while end and ids[end - 1] not in stops and not tokenizer.decode(ids[end - 1 : end]).strip():
         end -= 1
     return end if end and ids[end - 1] in stops else None
 
 
-def render_prompt(tokenizer, prompt: Content) -> list[int]:
+def render_prompt(tokenizer, prompt: Content, where: str = "", field: str = "prompt") -> list[int]:
     """The tokens a model is given before it answers `prompt` (see the module docstring)."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
-    return _template_ids(tokenizer, prompt, generation_prompt=True)
+    return _template_ids(tokenizer, prompt, True, where, field)
 
 
 def render_completion(tokenizer, prompt: Content, prompt_ids: list[int], completion: Content, where: str, field: str = "completion") -> list[int]:
@@ -88,7 +107,7 @@ def render_completion(tokenizer, prompt: Content, prompt_ids: list[int], complet
             raise DataError(where, "a list of messages needs a conversational prompt (a list of messages too)", field)
         return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     turns = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
-    ids = _template_ids(tokenizer, prompt + turns, generation_prompt=False)
+    ids = _template_ids(tokenizer, prompt + turns, False, where, field)
     if ids[: len(prompt_ids)] != prompt_ids:
         raise DataError(where, "the chat template does not render the prompt and its generation prompt as a prefix of the conversation", field)
     ids = ids[len(prompt_ids) :]
@@ -98,13 +117,13 @@ def render_completion(tokenizer, prompt: Content, prompt_ids: list[int], complet
 
 def render_sequence(tokenizer, prompt: Content, completion: Content, where: str = "", field: str = "completion") -> list[int]:
     """Prompt and completion tokens together: what a reward model reads, in training and scoring."""
-    prompt_ids = render_prompt(tokenizer, prompt)
+    prompt_ids = render_prompt(tokenizer, prompt, where)
     return prompt_ids + render_completion(tokenizer, prompt, prompt_ids, completion, where, field)
 
 
 def encode_prompt(tokenizer, prompt: Content, max_length: int, where: str, field: str = "prompt") -> list[int]:
     """Prompt ids; a prompt that leaves no room for a single completion token is an error."""
-    ids = render_prompt(tokenizer, prompt)
+    ids = render_prompt(tokenizer, prompt, where, field)
     if len(ids) >= max_length:
         raise DataError(where, f"{len(ids)} tokens; the model allows at most {max_length}", field)
     return ids
@@ -139,24 +158,28 @@ def encode_demonstration(tokenizer, demo: Demonstration, max_length: int) -> tup
 
 
 def _encode_conversation(tokenizer, demo: Demonstration, max_length: int) -> tuple[list[int], list[int]]:
-    """Train on every assistant turn: its tokens are those the turn adds to the rendered text,
-    through its stop token. The sequence ends at the last turn's stop token (EOS appended when
-    the template gives none), as `render_completion` ends a completion."""
-    messages = demo.messages
-    input_ids = _template_ids(tokenizer, messages, generation_prompt=False)
+    """Train on every assistant turn: the tokens of the rendered conversation from the turn's
+    generation prompt through its first stop token (`turn_stops`). The conversation is rendered
+    once: a template may render a turn differently once others follow it (Qwen3 drops the empty
+    thinking block of earlier turns), so only what comes before each turn must be a prefix. The
+    sequence ends at the last turn's stop token (what a template writes after it, such as
+    Phi-3's EOS after `<|end|>`, is not trained on); EOS is appended where the last turn has none."""
+    messages, stops = demo.messages, turn_stops(tokenizer)
+    input_ids = _template_ids(tokenizer, messages, False, demo.source)
     labels = [IGNORE] * len(input_ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        head, through = _template_ids(tokenizer, messages[:i], True), _template_ids(tokenizer, messages[: i + 1], False)
-        if through[: len(head)] != head or input_ids[: len(through)] != through:
-            raise DataError(demo.source, "the chat template does not render turns as prefixes of the conversation", f"messages[{i}]")
-        kept = _turn_end(tokenizer, through[len(head) :])
-        end = len(through) if kept is None else len(head) + kept
+    assistant_turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    for i in assistant_turns:
+        head = _template_ids(tokenizer, messages[:i], True, demo.source, f"messages[{i}]")
+        if input_ids[: len(head)] != head:
+            raise DataError(demo.source, "the chat template does not render the conversation before this turn, with its generation prompt, as a prefix of the whole", f"messages[{i}]")
+        end = next((j + 1 for j in range(len(head), len(input_ids)) if input_ids[j] in stops), None)
+        if end is None and i != assistant_turns[-1]:
+            raise DataError(demo.source, "the chat template closes this assistant turn with neither EOS nor an end-of-turn token", f"messages[{i}]")
         labels[len(head) : end] = input_ids[len(head) : end]
-    input_ids, labels = input_ids[:end], labels[:end]  # the last message is the assistant's
-    if kept is None:
+    if end is None:  # the last turn, unclosed: the rest of the text is its, then EOS
         input_ids, labels = input_ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+    else:  # the last message is the assistant's
+        input_ids, labels = input_ids[:end], labels[:end]
     if len(input_ids) > max_length:
         raise DataError(demo.source, f"{len(input_ids)} tokens; the model allows at most {max_length}", "messages")
     return input_ids, labels

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOPICS, chat_tokenizer, conversation_for, good_reply, write_jsonl
+from conftest import QWEN_TEMPLATE, TOPICS, chat_tokenizer, conversation_for, good_reply, write_jsonl
 from rlhf import evaluation, ppo, reward
 from rlhf.config import ConfigError
 from rlhf.data import Comparison, DataError, Demonstration, Prompt, Rating
-from rlhf.encoding import IGNORE, encode_demonstration, encode_prompts, render_prompt, use_chat_template
+from rlhf.encoding import IGNORE, encode_demonstration, encode_prompt, encode_prompts, render_prompt, use_chat_template
 from rlhf.models import load_sequence_classifier, load_tokenizer
 from rlhf.sampling import SamplingConfig
 from rlhf.scoring import RewardSourceConfig, SequenceClassifierScore
@@ -87,8 +87,51 @@ def test_a_template_that_renders_the_prompt_otherwise_in_the_conversation_is_an_
     with pytest.raises(DataError, match=r"^c.jsonl:4: field 'completion': the chat template does not render the prompt"):
         encode_demonstration(tokenizer, Demonstration(conversation_for("refund"), "Five days.", "c.jsonl:4"), 128)
     messages = conversation_for("refund") + [{"role": "assistant", "content": "Five days."}]
-    with pytest.raises(DataError, match=r"^c.jsonl:5: field 'messages\[1\]': the chat template does not render turns as prefixes"):
+    with pytest.raises(DataError, match=r"^c.jsonl:5: field 'messages\[1\]': the chat template does not render the conversation before this turn"):
         encode_demonstration(tokenizer, Demonstration("", "", "c.jsonl:5", messages), 128)
+
+
+# Qwen3's shape: the last assistant turn, after the last user turn, opens with an empty thinking
+# block; earlier turns are rendered without it, so a turn alone is no prefix of the whole.
+THINKING_TEMPLATE = (
+    "{% set ns = namespace(last_user=0) %}{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' and loop.index0 > ns.last_user %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{{ m['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_multi_turn_sft_on_a_template_that_renders_the_last_turn_otherwise():
+    tokenizer = chat_tokenizer()
+    tokenizer.chat_template = THINKING_TEMPLATE
+    messages = [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"},
+    ]
+    input_ids, labels = encode_demonstration(tokenizer, Demonstration("", "", "c.jsonl:1", messages), 128)
+    trained = tokenizer.decode([t for t, label in zip(input_ids, labels) if label != IGNORE])
+    assert trained == "hello<|im_end|><think>\n\n</think>\n\nciao<|im_end|>"
+    assert tokenizer.decode(input_ids).endswith("ciao<|im_end|>")
+
+
+def test_what_a_template_writes_after_the_last_turn_end_is_not_trained_on():
+    # Phi-3's shape: EOS after the whole conversation, behind the turn end <|im_end|>.
+    tokenizer = chat_tokenizer(eos="<|endoftext|>")
+    tokenizer.chat_template = QWEN_TEMPLATE + "{% if not add_generation_prompt %}{{ eos_token }}{% endif %}"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    input_ids, labels = encode_demonstration(tokenizer, Demonstration("", "", "c.jsonl:1", messages), 128)
+    assert tokenizer.decode([t for t, label in zip(input_ids, labels) if label != IGNORE]) == "hello<|im_end|>"
+    assert tokenizer.eos_token_id not in input_ids
+
+
+def test_a_template_that_refuses_a_conversation_is_a_data_error():
+    tokenizer = chat_tokenizer()
+    tokenizer.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}" + QWEN_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(DataError, match=r"^c.jsonl:2: field 'messages': the chat template refuses it: System role not supported$"):
+        encode_demonstration(tokenizer, Demonstration("", "", "c.jsonl:2", messages), 128)
+    with pytest.raises(DataError, match=r"^p.jsonl:3: field 'prompt': the chat template refuses it"):
+        encode_prompt(tokenizer, messages[:2], 128, "p.jsonl:3")
 
 
 def test_chat_template_none_renders_plain_turns_whatever_the_tokenizer_has():
