@@ -66,7 +66,12 @@ def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool, wher
         text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
     except jinja2.TemplateError as error:  # raise_exception in the template: "System role not supported", ...
         raise DataError(where or "a conversation", f"the chat template refuses it: {error}", field) from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if template == FALLBACK_CHAT_TEMPLATE and tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        # A model's own template writes its BOS; the plain one cannot know it. The tokenizer puts
+        # it before a string prompt (Llama, Mistral), so it goes before a conversation too.
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
 
 
 _stop_sets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

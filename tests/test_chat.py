@@ -285,3 +285,28 @@ def test_a_chat_template_path_that_does_not_exist_is_refused_before_work(tiny_mo
     for stage, check in stages:
         with pytest.raises(ConfigError, match=rf"^{stage}\.chat_template: x.jinja is not a file"):
             check()
+
+
+def bos_tokenizer():
+    """A base tokenizer that puts <s> before every text it encodes (as Llama's and Mistral's do),
+    with no chat template of its own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["User: hi\nAssistant: hello"] * 10, trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+
+
+def test_a_conversation_on_the_plain_template_starts_with_bos_as_a_string_prompt_does():
+    tokenizer = bos_tokenizer()
+    bos = tokenizer.bos_token_id
+    string = render_prompt(tokenizer, "User: hi\nAssistant:")
+    conversation = render_prompt(tokenizer, [{"role": "user", "content": "hi"}])
+    assert string[0] == bos and conversation == string  # the same text, the same ids
+    demo = Demonstration("", "", "c.jsonl:1", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    input_ids, _ = encode_demonstration(tokenizer, demo, 64)
+    assert input_ids[0] == bos and input_ids.count(bos) == 1
