@@ -20,7 +20,6 @@ The chat template is the tokenizer's own, or FALLBACK_CHAT_TEMPLATE when it has 
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
 import jinja2
@@ -74,17 +73,10 @@ def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool, wher
     return ids
 
 
-_stop_sets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def turn_stops(tokenizer) -> set[int]:
     """EOS and the special tokens the chat template closes an assistant turn with (`<|im_end|>`):
-    where a turn's trained tokens end. Found once per tokenizer and template."""
-    key = (tokenizer.chat_template, tokenizer.eos_token_id)
-    cached = _stop_sets.get(tokenizer)
-    if cached is None or cached[0] != key:
-        cached = _stop_sets[tokenizer] = (key, {tokenizer.eos_token_id, *turn_end_ids(tokenizer)} - {None})
-    return cached[1]
+    where a turn's trained tokens end."""
+    return {tokenizer.eos_token_id, *turn_end_ids(tokenizer)} - {None}
 
 
 def _turn_end(tokenizer, ids: list[int]) -> int | None:

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,22 +147,27 @@ def stop_token_ids(tokenizer, model_or_generation_config=None) -> list[int]:
 
 
 _TURN_MARK = "Sure"  # the assistant's content in the probe conversation, a word no template rewrites
-_refusing_templates: set[str] = set()
+_turn_ends: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its template, the ids)
 
 
 def turn_end_ids(tokenizer) -> list[int]:
     """The special tokens (those decoding skips) that a tokenizer's chat template puts right after
     an assistant turn's content (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`; whitespace before
-    them is passed over), found by rendering a one-turn conversation; [] without a chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return []
+    them is passed over), found by rendering a one-turn conversation; [] without a chat template.
+    Found once per tokenizer and template: PPO asks at every step."""
+    template = getattr(tokenizer, "chat_template", None)
+    cached = _turn_ends.get(tokenizer)
+    if cached is None or cached[0] != template:
+        cached = _turn_ends[tokenizer] = (template, _probe_turn_end(tokenizer) if template else [])
+    return cached[1]
+
+
+def _probe_turn_end(tokenizer) -> list[int]:
     conversation = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _TURN_MARK}]
     try:
         text = tokenizer.apply_chat_template(conversation, tokenize=False)
     except Exception as error:  # a template may refuse the probe (a required system turn, ...)
-        if str(tokenizer.chat_template) not in _refusing_templates:  # said once: PPO asks at every step
-            _refusing_templates.add(str(tokenizer.chat_template))
-            log.warning("the chat template does not render a user and an assistant turn (%s); no end-of-turn token taken from it", error)
+        log.warning("the chat template does not render a user and an assistant turn (%s); no end-of-turn token taken from it", error)
         return []
     if _TURN_MARK not in text:
         return []

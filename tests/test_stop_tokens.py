@@ -4,12 +4,13 @@ generation config, and the generation config's EOS list kept through loading and
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import turn_end_tokenizer
+from conftest import TURN_END_TEMPLATE, turn_end_tokenizer
 from rlhf.models import load_causal_lm, load_tokenizer, save_model, stop_token_ids, turn_end_ids
 
 # The shape of Llama-3's template: a turn is "<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>".
@@ -103,3 +104,17 @@ def test_a_pad_token_the_generation_config_lists_as_eos_is_replaced(tmp_path):
     loaded = load_tokenizer(str(path))
     assert loaded.pad_token_id not in listed
     assert stop_token_ids(loaded, load_causal_lm(str(path), loaded)) == sorted(listed)  # <|endoftext|> stops again
+
+
+def test_the_turn_end_is_found_once_per_template(caplog):
+    # PPO asks at every step: a template that refuses the probe is reported once, and a new
+    # template is probed again.
+    tokenizer = turn_end_tokenizer()
+    turn_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert turn_end_ids(tokenizer) == [turn_end]
+    tokenizer.chat_template = "{{ raise_exception('a system turn is required') }}"
+    with caplog.at_level(logging.WARNING, logger="rlhf.models"):
+        assert [turn_end_ids(tokenizer) for _ in range(3)] == [[], [], []]
+    assert caplog.text.count("a system turn is required") == 1
+    tokenizer.chat_template = TURN_END_TEMPLATE
+    assert turn_end_ids(tokenizer) == [turn_end]
