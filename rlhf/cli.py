@@ -8,6 +8,8 @@
     rlhf generate --model runs/demo/sft/model --prompts prompts.jsonl --out candidates.jsonl --num 4
     rlhf label    serve | add-labeler | export      (the human feedback web app)
     rlhf pipeline recipes/demo.yaml [section.key=value ...]
+    rlhf loop     recipes/demo-loop.yaml [section.key=value ...]   (rounds of labels, reward model, PPO)
+    rlhf loop     status|continue runs/demo-loop
     rlhf bench    [--size tiny|small] [--precision fp32|bf16] [--new-tokens 32] [--batch 16]
     rlhf demo data --out DIR          rlhf demo base --out DIR
 
@@ -127,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("recipe", help="recipe YAML file")
     pipeline.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
+    loop = subparsers.add_parser(
+        "loop", help="iterate: sample, label, update the reward model, PPO, evaluate, round after round",
+        epilog="rlhf loop RECIPE [section.key=value ...]   run or continue the rounds\n"
+               "rlhf loop status PROJECT_DIR               what each round has done, app labels in\n"
+               "rlhf loop continue PROJECT_DIR             a round waiting for app labels goes on now\n\n" + _section_help("loop"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    loop.add_argument("target", help="recipe YAML file, or `status` / `continue`")
+    loop.add_argument("rest", nargs="*", help="section.key=value overrides, or the project directory")
+
     _add_bench(subparsers)
 
     demo = subparsers.add_parser("demo", help="the embedded demo task")
@@ -169,6 +181,20 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "pipeline":
         report = pipeline.run(load_recipe(_recipe_class(), args.recipe, args.overrides))
         print(f"\nreport: {report}")
+    elif args.command == "loop":
+        from rlhf import loop
+
+        if args.target in ("status", "continue"):
+            if len(args.rest) != 1:
+                raise ConfigError(f"rlhf loop {args.target}: give the project directory (loop.project_dir), e.g. rlhf loop {args.target} runs/demo-loop")
+            if args.target == "status":
+                print(loop.status(args.rest[0]))
+            else:
+                print(f"asked the loop in {args.rest[0]} to go on with the labels that are in: {loop.ask_to_continue(args.rest[0])}")
+        else:
+            recipe = load_recipe(_recipe_class(), args.target, args.rest)
+            pipeline.prepare(recipe)
+            print(f"\nloop report: {loop.run(recipe)}")
     elif args.command == "score":
         from rlhf.models import check_model_path
         from rlhf.scoring import RewardSourceConfig, load_function, load_reward_source, score_file

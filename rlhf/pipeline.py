@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rlhf import evaluation, ppo, reward, sft, training
 from rlhf.evaluation import EvalConfig
+from rlhf.loop import LoopConfig
 from rlhf.ppo import PPOConfig
 from rlhf.reward import RewardConfig
 from rlhf.sft import SFTConfig
@@ -36,6 +37,7 @@ class Recipe:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
 
 
 STAGES = ("sft", "reward", "ppo", "eval")

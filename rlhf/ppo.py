@@ -140,7 +140,9 @@ class StopConfig:
 @dataclass
 class PPOConfig:
     policy: str = ""
-    """Policy to start from (the SFT model): a local path or a hub id. The reference is a frozen copy."""
+    """Policy to start from (the SFT model): a local path or a hub id."""
+    reference: str = ""
+    """The frozen reference of the KL penalty; empty: the policy it starts from (`rlhf loop` keeps the SFT model here while later rounds start from the last policy)."""
     output_dir: str = "runs/ppo"
     """Where the policy, value model, checkpoints, metrics and samples go."""
     prompts: PromptData = field(default_factory=PromptData)
@@ -247,15 +249,18 @@ def lm_logits(model, input_ids, attention_mask, position_ids, response_length: i
 
 
 def build_models(config: PPOConfig, tokenizer, device):
-    """(PolicyAndValue, reference or None): with LoRA the reference is the policy, adapters off."""
+    """(PolicyAndValue, reference or None): with LoRA and no separate `reference` the reference
+    is the policy, adapters off."""
     policy = load_causal_lm(config.policy, tokenizer)
-    if not config.lora.enabled:
-        reference = load_causal_lm(config.policy, tokenizer).to(device).eval().requires_grad_(False)
+    separate = config.reference and config.reference != config.policy
+    if not config.lora.enabled or separate:
+        reference = load_causal_lm(config.reference or config.policy, tokenizer).to(device).eval().requires_grad_(False)
         dropout_off(reference)
-    else:
+    if config.lora.enabled:
         from rlhf.models import add_lora
 
-        policy, reference = add_lora(policy, config.lora, "CAUSAL_LM"), None
+        policy = add_lora(policy, config.lora, "CAUSAL_LM")
+        reference = reference if separate else None
     dropout_off(policy)
     if config.gradient_checkpointing:
         training.enable_gradient_checkpointing(policy)
@@ -541,6 +546,8 @@ def validate(config: PPOConfig, num_processes: int) -> None:
     room for a prompt beside `max_new_tokens` in the policy's context."""
     check_config(config, num_processes)
     check_model_path("ppo.policy", config.policy)
+    if config.reference:
+        check_model_path("ppo.reference", config.reference)
     check_chat_template(config.chat_template, "ppo.chat_template")
     check_generation_room("ppo.generation.max_new_tokens", config.policy, config.generation.max_new_tokens)
     if config.value.model:

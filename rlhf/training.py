@@ -266,6 +266,8 @@ def run_steps(
     optim, out, device = config.optim, Path(config.output_dir), accelerator.device
     accumulation = micro_batches_per_step(optim, accelerator.num_processes, f"{stage}.optim")
     total_steps = optim.max_steps or optim.epochs * (len(examples) // optim.batch_size)
+    if total_steps == 0:
+        raise ConfigError(f"{stage}.optim.batch_size: {len(examples)} training examples do not make one batch of {optim.batch_size}")
     optimizer, scheduler = make_optimizer(model, optim, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = {"epoch": 0, "batch": 0}

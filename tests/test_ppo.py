@@ -257,6 +257,23 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, tiny_promp
     assert (trained.transformer.h[0].attn.c_attn.weight - base.transformer.h[0].attn.c_attn.weight).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_separate_reference_is_the_one_the_kl_is_measured_to(tiny_model_dir, tiny_sft_dir, tiny_prompts, tmp_path, lora):
+    """`rlhf loop` starts later rounds from the last policy with the SFT model as the reference:
+    the KL of the first rollout is then the distance between the two, not 0."""
+    kls = {}
+    for name, reference in (("itself", ""), ("other", str(tiny_model_dir))):
+        config = make_config(tiny_sft_dir, tiny_prompts, tmp_path / name, max_steps=1)
+        config.reference, config.lora.enabled, config.lora.r = reference, lora, 4
+        tokenizer = load_tokenizer(str(tiny_sft_dir))
+        model, ref = ppo.build_models(config, tokenizer, torch.device("cpu"))
+        assert (ref is None) == (lora and not reference)
+        ppo.train(config)
+        kls[name] = read_metrics(tmp_path / name)[0]["kl/sequence"]
+    assert abs(kls["itself"]) < 1e-4
+    assert kls["other"] > 1.0
+
+
 def test_value_head_on_the_policy_runs(tiny_model_dir, tiny_prompts, tmp_path):
     config = make_config(tiny_model_dir, tiny_prompts, tmp_path, max_steps=2)
     config.value.head_on_policy = True

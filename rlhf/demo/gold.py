@@ -196,3 +196,10 @@ LABELERS = (
     Labeler("blunt", temperature=0.4, weights={"politeness": 0.0, "curt": 0.0}),
     Labeler("sloppy", temperature=0.8, careless=0.3),
 )
+
+
+def simulated_ranking(prompt: str, completions: list[str], rng: random.Random) -> tuple[list[str], str]:
+    """One simulated labeler, drawn at random, ranks the completions: the labeler function of
+    `rlhf loop` on the demo (`loop.feedback.labeler: rlhf.demo.gold:simulated_ranking`)."""
+    labeler = rng.choice(LABELERS)
+    return labeler.rank(rng, prompt, completions), labeler.name
