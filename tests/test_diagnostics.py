@@ -1,0 +1,55 @@
+"""Diagnostics: diversity numbers on hand-counted completions, warnings that fire on a collapsed
+policy's responses and stay quiet on a diverse one."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf.diagnostics import diversity, warnings
+
+
+def test_diversity_counts_distinct_responses_top_share_and_distinct_bigrams():
+    # 2 distinct of 3; "a b" twice; bigrams "a b", "a b", "c d", "d e": 3 distinct of 4
+    assert diversity(["a b", "a b", "c d e"]) == {"distinct_per_100": pytest.approx(200 / 3), "top_share": pytest.approx(2 / 3), "distinct_2": 0.75}
+
+
+def test_diversity_compares_completions_with_their_whitespace_normalised():
+    # "  a  b\n" is "a b": 2 distinct of 3, bigrams "a b" twice and none in "c"
+    assert diversity(["  a  b\n", "a b", "c"]) == {"distinct_per_100": pytest.approx(200 / 3), "top_share": pytest.approx(2 / 3), "distinct_2": 0.5}
+    assert diversity(["a", "b"]) == {"distinct_per_100": 100.0, "top_share": 0.5, "distinct_2": 0.0}  # no bigrams at all
+
+
+def test_warnings_fire_on_a_collapsed_policy():
+    # 60 of 64 responses one sentence, four others: 5 distinct (7.8 per 100), top share 60/64;
+    # bigrams: 4 * 60 of the sentence + 2 * 4 of the others = 248, of which 4 + 8 are distinct
+    collapsed = ["Happy to help with that."] * 60 + [f"answer {i} here" for i in range(4)]
+    assert warnings(diversity(collapsed)) == [
+        "94% of responses are one and the same text: the policy has collapsed onto one answer whatever the prompt",
+        "only 8 distinct responses per 100 prompts: the policy gives different prompts the same answers",
+        "only 4.8% of the word pairs in the responses are distinct: the responses repeat the same phrases",
+    ]
+
+
+def test_warnings_stay_quiet_on_a_diverse_policy():
+    # 64 distinct responses; bigrams "reply number" and "to you" shared, "number i" and "i to"
+    # distinct: 2 + 128 of 256
+    diverse = [f"reply number {i} to you" for i in range(64)]
+    assert diversity(diverse)["distinct_2"] == pytest.approx(130 / 256)
+    assert warnings(diversity(diverse)) == []
+
+
+def test_a_mean_score_above_the_reward_models_band_is_a_warning():
+    band = (-1.5, 2.1)
+    assert warnings({"score": 3.21}, band=band) == [
+        "mean reward-model score 3.21 is above 2.10, the 95th percentile of the held-out completions on which its accuracy "
+        "was measured: the reward model is scoring outside what it was tested on"
+    ]
+    assert warnings({"score": 2.0}, band=band) == [] and warnings({"score": 3.21}) == []
+
+
+def test_a_reward_model_win_rate_far_above_the_gold_one_is_a_warning():
+    assert warnings({}, gold_gap=0.95 - 0.45) == [
+        "the reward model prefers the policy to the reference on 50 points more of the prompts than the gold scorer does: "
+        "the policy is exploiting the reward model"
+    ]
+    assert warnings({}, gold_gap=0.85 - 0.75) == [] and len(warnings({}, gold_gap=0.95 - 0.75)) == 1
