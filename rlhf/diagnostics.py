@@ -71,7 +71,7 @@ def signs(metrics: dict[str, float], band: tuple[float, float] | None = None, go
         found["collapse"] = f"{metrics['top_share']:.0%} of responses are one and the same text: the policy has collapsed onto one answer whatever the prompt"
     if metrics.get("distinct_per_100", 100.0) < MIN_DISTINCT_PER_100:
         found["few_distinct"] = f"only {metrics['distinct_per_100']:.0f} distinct responses per 100 prompts: the policy gives different prompts the same answers"
-    if metrics.get("distinct_2", 1.0) < MIN_DISTINCT_2:
+    if 0 < metrics.get("distinct_2", 1.0) < MIN_DISTINCT_2:  # 0: no word pairs at all, nothing to judge
         found["repetition"] = f"only {metrics['distinct_2']:.1%} of the word pairs in the responses are distinct: the responses repeat the same phrases"
     if band is not None and "score" in metrics and metrics["score"] > band[1]:
         found["above_band"] = (

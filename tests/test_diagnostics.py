@@ -36,6 +36,7 @@ def test_warnings_stay_quiet_on_a_diverse_policy():
     diverse = [f"reply number {i} to you" for i in range(64)]
     assert diversity(diverse)["distinct_2"] == pytest.approx(130 / 256)
     assert warnings(diversity(diverse)) == []
+    assert warnings(diversity(["yes", "no", "maybe", "sure", "ok"])) == []  # distinct one-word answers: no word pairs to judge
 
 
 def test_a_mean_score_above_the_reward_models_band_is_a_warning():
