@@ -202,6 +202,11 @@ def word_count_reward(prompts, completions, **kwargs):
     return [float(len(c.split())) for c in completions]
 
 
+def brevity_reward(prompts, completions, **kwargs):
+    """A reward that the same answer to every prompt earns: minus one point per word."""
+    return [-float(len(c.split())) for c in completions]
+
+
 # ---------------------------------------------------------------- a chat model, Qwen-style
 
 # Qwen2.5's template, reduced to what it does with messages: a default system turn, ChatML
