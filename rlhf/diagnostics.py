@@ -67,7 +67,8 @@ def signs(metrics: dict[str, float], band: tuple[float, float] | None = None, go
     win-rate against the reference minus the gold scorer's, both shares of the prompts.
     """
     found = {}
-    if metrics.get("top_share", 0.0) > MAX_TOP_SHARE:
+    # All distinct (100 per 100): the top response is one of n, a large share only when n is small.
+    if metrics.get("top_share", 0.0) > MAX_TOP_SHARE and metrics.get("distinct_per_100", 100.0) < 100:
         found["collapse"] = f"{metrics['top_share']:.0%} of responses are one and the same text: the policy has collapsed onto one answer whatever the prompt"
     if metrics.get("distinct_per_100", 100.0) < MIN_DISTINCT_PER_100:
         found["few_distinct"] = f"only {metrics['distinct_per_100']:.0f} distinct responses per 100 prompts: the policy gives different prompts the same answers"

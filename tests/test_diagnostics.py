@@ -37,6 +37,10 @@ def test_warnings_stay_quiet_on_a_diverse_policy():
     assert diversity(diverse)["distinct_2"] == pytest.approx(130 / 256)
     assert warnings(diversity(diverse)) == []
     assert warnings(diversity(["yes", "no", "maybe", "sure", "ok"])) == []  # distinct one-word answers: no word pairs to judge
+    assert warnings(diversity(["a b", "c d", "e f"])) == []  # each response a third of three, but none repeated
+    assert warnings(diversity(["a b", "a b", "c d", "e f", "g h"])) == [
+        "40% of responses are one and the same text: the policy has collapsed onto one answer whatever the prompt"
+    ]
 
 
 def test_a_mean_score_above_the_reward_models_band_is_a_warning():
