@@ -12,13 +12,13 @@ import torch
 
 from rlhf import ppo
 from rlhf.encoding import pad
-from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer, position_ids, score_head
+from rlhf.models import load_causal_lm, load_tokenizer, position_ids
 from rlhf.sampling import SamplingConfig, response_logprobs
 from rlhf.scoring import RewardSourceConfig, load_reward_source
 from rlhf.tracking import Tracker, read_metrics
 from safetensors.torch import load_file
 
-from conftest import turn_end_prompt
+from conftest import constant_reward_model, turn_end_prompt
 
 
 def make_config(policy, prompts, out, **stop) -> ppo.PPOConfig:
@@ -191,15 +191,9 @@ def test_a_reward_for_brevity_collapses_the_responses_and_the_collapse_guard_sto
 
 @pytest.mark.parametrize("band, above", [([-0.5, 0.5], True), ([0.5, 2.0], False)])
 def test_a_reward_models_band_flags_steps_whose_mean_score_is_above_it(tiny_model_dir, tiny_prompts, tmp_path, caplog, band, above):
-    # A head of zeros: every logit is 0 and every score the stored bias, 1.
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    model = load_sequence_classifier(str(tiny_model_dir), tokenizer, num_labels=1)
-    torch.nn.init.zeros_(score_head(model).weight)
-    model.config.reward_bias, model.config.reward_score_band = 1.0, band
-    model.save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
+    rm = constant_reward_model(tiny_model_dir, tmp_path / "rm", 1.0, band)
     config = make_config(tiny_model_dir, tiny_prompts, tmp_path / "run", max_steps=1)
-    config.reward, config.algo.missing_eos_penalty = RewardSourceConfig(kind="model", path=str(tmp_path / "rm")), 0.0
+    config.reward, config.algo.missing_eos_penalty = RewardSourceConfig(kind="model", path=str(rm)), 0.0
     with caplog.at_level(logging.WARNING, logger="rlhf.ppo"):
         ppo.train(config)
     (metrics,) = read_metrics(tmp_path / "run")
