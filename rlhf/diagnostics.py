@@ -6,28 +6,32 @@
 
 A collapsed policy gives the same response whatever the prompt asks; an over-optimised one has
 found what the reward model overrates: its reward-model score rises past anything the model was
-tested on, or the reward model's verdict parts from the gold one.
+tested on, or the reward model's verdict parts from the gold one. PPO logs these numbers every
+step (and `stop.min_distinct` stops a run on them); `rlhf eval` reports them per policy.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-# What a healthy policy gives: the demo's SFT policy sampled at temperature 0.7 on 64 different
-# prompts makes 94 to 98 distinct responses per 100, its most common response is 2 of the 64, and
-# 37% to 39% of its word pairs are distinct (15% over all 243 held-out prompts: distinct-2 falls
-# as responses grow in number, for the phrases of one domain recur). One response repeated over n
-# prompts has a distinct-2 of 1 / n and a top share of 1. The thresholds lie far from the healthy
-# numbers, so that they fire on a policy that says the same few things whatever it is asked.
-# Over three seeds the demo's PPO policy wins 86% of prompts by the reward model and 81% by gold:
-# a gap of 5 points, against 15 for the warning.
+# What healthy policies give, sampled at temperature 0.7 on the demo's held-out prompts (a few
+# topics asked in many paraphrases), on 64 of them and on all 243. The SFT policy: 94 to 98 and
+# 93 distinct responses per 100 prompts, its most common response 3% and 1% of all, 37% to 39%
+# and 15% of its word pairs distinct. The PPO policy: 77 and 56 distinct per 100 (it answers
+# paraphrases of one question alike), top share 6% and 3%, distinct-2 0.24 and 0.10. Distinct-2
+# falls as responses grow in number, for the phrases of one domain recur; one response repeated
+# over n prompts has a distinct-2 of 1 / n and a top share of 1. The thresholds lie well below
+# the healthy numbers, so that they fire on a policy that says the same few things whatever it
+# is asked. The demo's reward model scores its held-out completions from -5.6 to 3.0 (5th to 95th
+# percentile) and the PPO policy's responses 1.4 on average. Over three seeds that policy wins
+# 86% of prompts by the reward model and 81% by gold: a gap of 5 points, against 15 for the warning.
 
-MIN_DISTINCT_PER_100 = 50.0
-"""Warn when fewer than half of the responses are distinct."""
+MIN_DISTINCT_PER_100 = 30.0
+"""Warn when fewer than 30 of 100 responses are distinct: each given, on average, to more than three prompts."""
 MAX_TOP_SHARE = 0.2
 """Warn when one response is more than a fifth of all: one answer to many different questions."""
-MIN_DISTINCT_2 = 0.05
-"""Warn when under a twentieth of the word pairs are distinct: about 3 responses repeated over 64 prompts."""
+MIN_DISTINCT_2 = 0.03
+"""Warn when under 3% of the word pairs are distinct: about two responses repeated over 64 prompts."""
 MAX_GOLD_GAP = 0.15
 """Warn when the reward model's win-rate over the reference passes the gold scorer's by more than this."""
 

@@ -20,14 +20,17 @@ def test_diversity_compares_completions_with_their_whitespace_normalised():
 
 
 def test_warnings_fire_on_a_collapsed_policy():
-    # 60 of 64 responses one sentence, four others: 5 distinct (7.8 per 100), top share 60/64;
-    # bigrams: 4 * 60 of the sentence + 2 * 4 of the others = 248, of which 4 + 8 are distinct
-    collapsed = ["Happy to help with that."] * 60 + [f"answer {i} here" for i in range(4)]
+    # 63 of 64 responses one sentence, one other: 2 distinct (3.1 per 100), top share 63/64;
+    # bigrams: 4 * 63 of the sentence + 2 of the other = 254, of which 4 + 2 are distinct (2.4%)
+    collapsed = ["Happy to help with that."] * 63 + ["answer one here"]
     assert warnings(diversity(collapsed)) == [
-        "94% of responses are one and the same text: the policy has collapsed onto one answer whatever the prompt",
-        "only 8 distinct responses per 100 prompts: the policy gives different prompts the same answers",
-        "only 4.8% of the word pairs in the responses are distinct: the responses repeat the same phrases",
+        "98% of responses are one and the same text: the policy has collapsed onto one answer whatever the prompt",
+        "only 3 distinct responses per 100 prompts: the policy gives different prompts the same answers",
+        "only 2.4% of the word pairs in the responses are distinct: the responses repeat the same phrases",
     ]
+    # each threshold is a bound the numbers must pass
+    assert warnings({"distinct_per_100": 30.0, "top_share": 0.2, "distinct_2": 0.03}) == []
+    assert len(warnings({"distinct_per_100": 29.0, "top_share": 0.21, "distinct_2": 0.029})) == 3
 
 
 def test_warnings_stay_quiet_on_a_diverse_policy():
