@@ -4,9 +4,12 @@
 
 For the reference and each policy: mean reward-model score, gold score and win-rate when an
 oracle is configured, win-rate against the reference by the reward model, KL to the reference,
-response length and the fraction of responses that end with EOS (any of the policy's stop
-tokens: `rlhf.models.stop_token_ids`). The plots show a PPO run's score, KL, entropy and value
-loss against steps, and score histograms before and after.
+response length, the fraction of responses that end with EOS (any of the policy's stop
+tokens: `rlhf.models.stop_token_ids`), and how diverse the responses are. A "Warnings" section
+says in words which policies show signs of collapse or over-optimisation (`rlhf.diagnostics`):
+few distinct responses, a mean score above the reward model's held-out band, a reward-model
+win-rate far above the gold one. The plots show a PPO run's score, KL, entropy and value loss
+against steps, and score histograms before and after.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf import diagnostics
 from rlhf.config import ConfigError, NonNegativeInt, PositiveInt, check_ranges
 from rlhf.data import Content, as_text, load_prompts
 from rlhf.encoding import check_chat_template, encode_prompts, pad, use_chat_template
@@ -153,7 +157,8 @@ def evaluate(config: EvalConfig) -> Path:
         gold = oracle(texts, completions) if oracle else None
         results.append(PolicySamples(name, completions, scores, gold, kl.cpu(), lengths.cpu(), ended.cpu()))
 
-    summary = summarize(results, has_reward=reward_source is not None)
+    band = getattr(reward_source, "score_band", None)  # a trained reward model's held-out (p5, p95)
+    summary = summarize(results, has_reward=reward_source is not None, band=band)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
         for i, prompt in enumerate(texts):
@@ -168,7 +173,9 @@ def evaluate(config: EvalConfig) -> Path:
     return report
 
 
-def summarize(results: list[PolicySamples], has_reward: bool) -> list[dict]:
+def summarize(results: list[PolicySamples], has_reward: bool, band: tuple[float, float] | None = None) -> list[dict]:
+    """A row per policy, the reference first; its `warnings` are the signs of collapse or
+    over-optimisation its numbers show, given the reward model's held-out score `band`."""
     reference = results[0]
     rows = []
     for r in results:
@@ -178,6 +185,7 @@ def summarize(results: list[PolicySamples], has_reward: bool) -> list[dict]:
             "kl": r.kl.mean().item(),
             "length": r.lengths.mean().item(),
             "eos_fraction": r.ended.float().mean().item(),
+            **diagnostics.diversity(r.completions),
         }
         if has_reward:
             row["score"] = r.scores.mean().item()
@@ -185,6 +193,8 @@ def summarize(results: list[PolicySamples], has_reward: bool) -> list[dict]:
         if r.gold is not None:
             gold = win_rate(r.gold, reference.gold)
             row.update({"gold": r.gold.mean().item(), "win_rate_gold": gold["win_rate"], "wins_gold": gold["wins"], "ties_gold": gold["ties"], "losses_gold": gold["losses"]})
+        gold_gap = row["win_rate_rm"] - row["win_rate_gold"] if "win_rate_rm" in row and "win_rate_gold" in row else None
+        row["warnings"] = diagnostics.warnings(row, band, gold_gap)
         rows.append(row)
     return rows
 
@@ -248,6 +258,7 @@ def render_report(summary: list[dict], plots: list[str], prompts: list[Content],
     columns = [("policy", "policy", "{}"), ("score", "RM score", "{:.3f}"), ("win_rate_rm", "win-rate vs ref (RM)", "{:.1%}"),
                ("gold", "gold score", "{:.3f}"), ("win_rate_gold", "win-rate vs ref (gold)", "{:.1%}"),
                ("wins_gold", "wins / ties / losses (gold)", None), ("kl", "KL to ref", "{:.2f}"),
+               ("distinct_per_100", "distinct /100", "{:.0f}"), ("top_share", "top share", "{:.0%}"), ("distinct_2", "distinct-2", "{:.2f}"),
                ("length", "length", "{:.1f}"), ("eos_fraction", "ends with EOS", "{:.1%}")]
     columns = [c for c in columns if any(c[0] in row for row in summary)]
     lines = ["# Evaluation report", "", f"{summary[0]['prompts']} held-out prompts; the first row is the reference.", ""]
@@ -261,6 +272,10 @@ def render_report(summary: list[dict], plots: list[str], prompts: list[Content],
             else:
                 cells.append(fmt.format(row[key]))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Warnings", ""]
+    lines += [f"- `{Path(row['policy']).as_posix()}`: {sentence}" for row in summary for sentence in row["warnings"]]
+    if not any(row["warnings"] for row in summary):
+        lines.append("No collapse or over-optimisation signs.")
     lines += [""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Examples", "", "| prompt | " + " | ".join(Path(r.name).as_posix() for r in results) + " |", "|" + "---|" * (len(results) + 1)]
     for i in range(min(examples, len(prompts))):

@@ -4,10 +4,13 @@
 
 One step: sample responses to a batch of prompts, score them, shape per-token rewards with the
 KL penalty, estimate advantages with GAE, run K epochs of clipped-PPO minibatch updates, adapt
-beta, log. The run stops at `stop.max_steps`, at a mean-score threshold, or when the KL to the
-reference passes its budget, and says which. Writes `output_dir/model` (the policy, loads with
-plain `AutoModelForCausalLM`), `output_dir/value`, checkpoints, `metrics.jsonl`, TensorBoard
-events and `samples.jsonl` (a few completions per step).
+beta, log. Each step also logs how diverse its responses are and, against a reward model that
+stored its held-out score band, whether the mean score is above it; the first step to show a sign
+of collapse or over-optimisation says so in words (`rlhf.diagnostics`). The run stops at
+`stop.max_steps`, at a mean-score threshold, when the KL to the reference passes its budget, or
+when the responses collapse to a few, and says which. Writes `output_dir/model` (the policy,
+loads with plain `AutoModelForCausalLM`), `output_dir/value`, checkpoints, `metrics.jsonl`,
+TensorBoard events and `samples.jsonl` (a few completions per step).
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from typing import Literal
 
 import torch
 import yaml
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from rlhf import causal_lm, ops, training
+from rlhf import causal_lm, diagnostics, ops, training
 from rlhf.config import ConfigError, NonNegative, NonNegativeInt, Positive, PositiveInt, UnitInterval, check_ranges, to_dict
 from rlhf.data import Content, load_prompts
 from rlhf.encoding import check_chat_template, encode_prompts, pad, use_chat_template
@@ -135,6 +139,8 @@ class StopConfig:
     """Steps averaged for the reward threshold."""
     kl_budget: Positive | None = None
     """Stop when a step's mean KL per sequence to the reference exceeds this (reward-hacking guard)."""
+    min_distinct: NonNegative | None = None
+    """Stop when a step's distinct responses per 100 prompts fall below this (collapse guard)."""
 
 
 @dataclass
@@ -476,9 +482,11 @@ def sampling_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
-def step_metrics(batch: Rollout, beta: float, accelerator) -> dict[str, float]:
-    """Checklist item 20: what the rollout says about score, reward, KL, length and EOS,
-    over the rollouts of every data-parallel process."""
+def step_metrics(batch: Rollout, completions: list[str], beta: float, accelerator) -> dict[str, float]:
+    """Checklist item 20: what the rollout says about score, reward, KL, length and EOS, and how
+    diverse its decoded completions are, over the rollouts of every data-parallel process."""
+    # Every process gets every process's completions: a collapse guard then stops all of them.
+    diversity = diagnostics.diversity(gather_object(completions))
     mask = batch.mask
     per_sequence = torch.stack(
         [batch.raw_scores, batch.scores, batch.rewards.sum(-1), batch.kl.sum(-1), mask.sum(-1).float(), batch.ended.float()], 1
@@ -500,6 +508,7 @@ def step_metrics(batch: Rollout, beta: float, accelerator) -> dict[str, float]:
         "value/mean": (value_sum / tokens).item(),
         "response/length": lengths.mean().item(),
         "response/eos_fraction": ended.mean().item(),
+        **{f"diversity/{key}": value for key, value in diversity.items()},
     }
 
 
@@ -509,6 +518,24 @@ def over_kl_budget(config: StopConfig, step: int, kl: float) -> str | None:
     if config.kl_budget is not None and kl > config.kl_budget:
         return f"KL budget exceeded at step {step}, before its update: mean KL per sequence {kl:.3f} > {config.kl_budget}"
     return None
+
+
+def collapsed(config: StopConfig, step: int, distinct: float) -> str | None:
+    """The reason to stop at `step` before its update, or None: the collapse guard looks at the
+    rollout's distinct responses, so that no update pushes a collapsing policy further."""
+    if config.min_distinct is not None and distinct < config.min_distinct:
+        return f"collapse guard at step {step}, before its update: {distinct:.1f} distinct responses per 100 prompts < {config.min_distinct}"
+    return None
+
+
+def warn_once(warned: set[str], step: int, metrics: dict[str, float], band: tuple[float, float] | None) -> None:
+    """Log each kind of sign of collapse or over-optimisation (`diagnostics.signs`) at the first
+    step that shows it; `warned` holds the kinds already logged."""
+    numbers = {key.removeprefix("diversity/"): value for key, value in metrics.items() if key.startswith("diversity/")}
+    for kind, sentence in diagnostics.signs({**numbers, "score": metrics["score/mean"]}, band).items():
+        if kind not in warned:
+            warned.add(kind)
+            log.warning("ppo step %d: %s", step, sentence)
 
 
 def should_stop(config: StopConfig, step: int, window: deque) -> str | None:
@@ -573,6 +600,7 @@ def train(config: PPOConfig) -> Path:
     max_prompt = context_length(model.policy.config) - config.generation.max_new_tokens
     records, prompts = encode_prompts(tokenizer, records, max_prompt, config.prompts.skip_invalid)
     reward_source = load_reward_source(config.reward, device)
+    band = getattr(reward_source, "score_band", None)  # a trained reward model's held-out (p5, p95)
 
     optimizer, scheduler = training.make_optimizer(model, config.optim, config.stop.max_steps * updates_per_rollout(config.algo))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -595,9 +623,11 @@ def train(config: PPOConfig) -> Path:
     tracker = Tracker(out, enabled=accelerator.is_main_process, resume_step=step)
     order = training.batches(len(prompts), config.algo.batch_size, config.seed, state["epoch"], state["batch"])
     bar = tqdm(total=config.stop.max_steps, initial=step, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    # A run its KL budget stopped stays stopped, unless the budget now allows that step's KL.
+    # A run a guard stopped stays stopped, unless the guard now allows that step's KL or diversity.
     kl_stop = over_kl_budget(config.stop, step, state["kl"]) if state.get("kl_stopped") else None
-    reason = kl_stop or (should_stop(config.stop, step, window) if step else None)
+    collapse_stop = collapsed(config.stop, step, state["distinct"]) if state.get("collapse_stopped") else None
+    reason = kl_stop or collapse_stop or (should_stop(config.stop, step, window) if step else None)
+    warned: set[str] = set()
     if reason and checkpoint is not None:
         log.info("the run in %s had already stopped at step %d: %s", out, step, reason)
     while reason is None:
@@ -608,11 +638,14 @@ def train(config: PPOConfig) -> Path:
         stream = torch.Generator(device).manual_seed(sampling_seed(config.seed, step, accelerator.process_index))
         batch, info = rollout(unwrapped, reference, [prompts[i] for i in local], [records[i].prompt for i in local], reward_source, config, tokenizer, device, bf16, stream)
         compute_advantages(batch, kl_controller.beta, config, accelerator)
-        metrics = step_metrics(batch, kl_controller.beta, accelerator)
+        metrics = step_metrics(batch, info["completions"], kl_controller.beta, accelerator)
+        if band is not None:
+            metrics["score/above_band"] = float(metrics["score/mean"] > band[1])
         step += 1
         kl_stop = over_kl_budget(config.stop, step, metrics["kl/sequence"])
+        collapse_stop = collapsed(config.stop, step, metrics["diversity/distinct_per_100"])
         timings = {k: v for k, v in info.items() if k.startswith("time/")}
-        if kl_stop is None:
+        if kl_stop is None and collapse_stop is None:
             model.train()
             with timed(timings, "time/train"):
                 metrics.update(ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator))
@@ -622,13 +655,18 @@ def train(config: PPOConfig) -> Path:
         tracker.log(step, metrics)
         if accelerator.is_main_process:
             write_samples(out / "samples.jsonl", step, [records[i].prompt for i in local], info["completions"], batch, config.samples_per_step)
+            warn_once(warned, step, metrics, band)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score/mean']:.3f}", kl=f"{metrics['kl/sequence']:.2f}", beta=f"{kl_controller.beta:.3f}")
-        reason = kl_stop or should_stop(config.stop, step, window)
+        reason = kl_stop or collapse_stop or should_stop(config.stop, step, window)
         if step % config.save_every == 0 or reason:
             rng = training.rng_states(accelerator)  # on every process
             if accelerator.is_main_process:
-                position = {"epoch": epoch, "batch": index + 1, "window": list(window), "beta": kl_controller.beta, "generator": generator.get_state(), "kl": metrics["kl/sequence"], "kl_stopped": kl_stop is not None}
+                position = {
+                    "epoch": epoch, "batch": index + 1, "window": list(window), "beta": kl_controller.beta, "generator": generator.get_state(),
+                    "kl": metrics["kl/sequence"], "kl_stopped": kl_stop is not None,
+                    "distinct": metrics["diversity/distinct_per_100"], "collapse_stopped": collapse_stop is not None,
+                }
                 save_trained(out, step, accelerator.unwrap_model(model), tokenizer, {**position, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, rng)
     bar.close()
     tracker.close()

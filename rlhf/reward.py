@@ -10,8 +10,11 @@ have mean 0 (std 1), stored in the model's config as `reward_bias` / `reward_gai
 
     score = reward_gain * (logit + reward_bias)
 
-Writes `output_dir/model` (loads with plain `AutoModelForSequenceClassification`), checkpoints,
-`metrics.jsonl`, TensorBoard events and `eval.json` with the held-out accuracy and margin.
+The 5th and 95th percentiles of the held-out completions' scores, the range the model's accuracy
+was measured on, are stored beside them as `reward_score_band` (`rlhf.diagnostics` warns when a
+policy's mean score passes the upper one). Writes `output_dir/model` (loads with plain
+`AutoModelForSequenceClassification`), checkpoints, `metrics.jsonl`, TensorBoard events and
+`eval.json` with the held-out accuracy and margin, the bias, gain and `score_band`.
 """
 
 from __future__ import annotations
@@ -146,17 +149,23 @@ def rating_loss(scores: torch.Tensor, labels: torch.Tensor, binary: bool, n_glob
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], pad_id: int, batch_size: int, device, bf16: bool) -> dict[str, float]:
-    """Held-out pairwise accuracy (ties count half) and mean margin r_better - r_worse.
-
-    For ratings the pairs are all held-out items with different labels, the higher label better.
-    """
+def example_scores(model, examples: list[Example], pad_id: int, batch_size: int, device, bf16: bool) -> torch.Tensor:
+    """(N,) raw scores of every sequence of the examples, in order, on the CPU."""
     scores = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         with training.autocast(device, bf16):
             scores.append(forward_scores(model, [s for e in chunk for s in e.sequences], pad_id, device).cpu())
-    scores = torch.cat(scores)
+    return torch.cat(scores)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[Example], pad_id: int, batch_size: int, device, bf16: bool) -> dict[str, float]:
+    """Held-out pairwise accuracy (ties count half) and mean margin r_better - r_worse.
+
+    For ratings the pairs are all held-out items with different labels, the higher label better.
+    """
+    scores = example_scores(model, examples, pad_id, batch_size, device, bf16)
     if examples[0].label is not None:
         labels = torch.tensor([e.label for e in examples])
         better, worse = torch.nonzero(labels[:, None] > labels[None, :], as_tuple=True)
@@ -265,10 +274,15 @@ def train(config: RewardConfig) -> Path:
         model = accelerator.unwrap_model(model)
         raw_score = SequenceClassifierScore(model, tokenizer)
         bias, gain = fit_normalization(raw_score, config.normalize, records, device, config.seed, config.chat_template)
-        save_model(model, tokenizer, path, {"reward_bias": bias, "reward_gain": gain})
-        result.update({"reward_bias": bias, "reward_gain": gain})
+        # The scores the held-out accuracy was measured on, normalised: a policy scored far above
+        # them is judged where the model was never tested (`rlhf.diagnostics`).
+        held_out_scores = gain * (example_scores(model, held_out, pad_id, config.optim.micro_batch_size, device, bf16) + bias)
+        band = torch.quantile(held_out_scores, torch.tensor([0.05, 0.95])).tolist()
+        save_model(model, tokenizer, path, {"reward_bias": bias, "reward_gain": gain, "reward_score_band": band})
+        result.update({"reward_bias": bias, "reward_gain": gain, "score_band": band})
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        log.info("reward: held-out accuracy %.3f, margin %.3f; bias %.3f gain %.3f; saved %s", result["accuracy"], result["margin"], bias, gain, path)
+        log.info("reward: held-out accuracy %.3f, margin %.3f; bias %.3f gain %.3f; held-out scores %.2f to %.2f (5th to 95th percentile); saved %s",
+                 result["accuracy"], result["margin"], bias, gain, *band, path)
     accelerator.wait_for_everyone()
     return path
 

@@ -54,13 +54,19 @@ class SequenceClassifierScore:
     A trained reward model sees prompt and completion rendered as in training (`render_sequence`,
     which `rlhf reward` builds its sequences with too), and its stored normalisation
     `reward_gain * (logit + reward_bias)` is applied. A classifier sees the completion's text
-    alone, what it was trained to judge.
+    alone, what it was trained to judge. `score_band` is a trained reward model's stored
+    `reward_score_band`, the 5th and 95th percentiles of its scores on its held-out completions,
+    or None.
     """
 
-    def __init__(self, model, tokenizer, label_index: int = 0, reward_model: bool = True, batch_size: int = 32, bias: float = 0.0, gain: float = 1.0):
+    def __init__(
+        self, model, tokenizer, label_index: int = 0, reward_model: bool = True, batch_size: int = 32, bias: float = 0.0, gain: float = 1.0,
+        score_band: tuple[float, float] | None = None,
+    ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.index, self.is_reward_model = label_index, reward_model
         self.bias, self.gain, self.batch_size = bias, gain, batch_size
+        self.score_band = score_band
         self.device = next(model.parameters()).device
         self.max_length = context_length(model.config)
 
@@ -73,7 +79,8 @@ class SequenceClassifierScore:
         config = model.config
         if reward_model:
             bias, gain = float(getattr(config, "reward_bias", 0.0)), float(getattr(config, "reward_gain", 1.0))
-            return cls(model, tokenizer, 0, True, batch_size, bias, gain)
+            band = getattr(config, "reward_score_band", None)
+            return cls(model, tokenizer, 0, True, batch_size, bias, gain, tuple(band) if band else None)
         return cls(model, tokenizer, label_index(config, label, path), False, batch_size)
 
     def encode(self, prompt: Content, completion: Content) -> list[int]:

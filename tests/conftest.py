@@ -202,6 +202,27 @@ def word_count_reward(prompts, completions, **kwargs):
     return [float(len(c.split())) for c in completions]
 
 
+def constant_reward_model(base: Path, path: Path, score: float, band: list[float]) -> Path:
+    """A reward model on `base` whose head is zeros: every logit 0, every score its stored bias,
+    `score`, with `band` stored as its held-out score band."""
+    import torch
+
+    from rlhf.models import load_sequence_classifier, load_tokenizer, score_head
+
+    tokenizer = load_tokenizer(str(base))
+    model = load_sequence_classifier(str(base), tokenizer, num_labels=1)
+    torch.nn.init.zeros_(score_head(model).weight)
+    model.config.reward_bias, model.config.reward_score_band = score, band
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def brevity_reward(prompts, completions, **kwargs):
+    """A reward that the same answer to every prompt earns: minus one point per word."""
+    return [-float(len(c.split())) for c in completions]
+
+
 # ---------------------------------------------------------------- a chat model, Qwen-style
 
 # Qwen2.5's template, reduced to what it does with messages: a default system turn, ChatML

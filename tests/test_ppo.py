@@ -18,7 +18,7 @@ from rlhf.scoring import RewardSourceConfig, load_reward_source
 from rlhf.tracking import Tracker, read_metrics
 from safetensors.torch import load_file
 
-from conftest import turn_end_prompt
+from conftest import constant_reward_model, turn_end_prompt
 
 
 def make_config(policy, prompts, out, **stop) -> ppo.PPOConfig:
@@ -147,6 +147,58 @@ def test_a_run_stopped_by_the_kl_budget_stays_stopped_on_resume(tiny_sft_dir, ti
     ppo.train(config)
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
     assert (tmp_path / "stop_reason.txt").read_text().startswith("max steps")
+
+
+def terse(config: ppo.PPOConfig) -> ppo.PPOConfig:
+    """Minus a point per word, no KL penalty and no missing-EOS penalty: saying nothing pays best."""
+    config.reward.path, config.algo.missing_eos_penalty, config.kl.beta = "conftest:brevity_reward", 0.0, 0.0
+    return config
+
+
+def test_a_reward_for_brevity_collapses_the_responses_and_the_collapse_guard_stops_it_for_good(tiny_sft_dir, tiny_prompts, tmp_path, caplog):
+    config = terse(make_config(tiny_sft_dir, tiny_prompts, tmp_path, max_steps=14, min_distinct=45))
+    config.save_every = 1
+    with caplog.at_level(logging.WARNING, logger="rlhf.ppo"):
+        ppo.train(config)
+    metrics = read_metrics(tmp_path)
+    distinct = [m["diversity/distinct_per_100"] for m in metrics]
+    print("distinct responses per 100 prompts:", distinct)
+    reason = (tmp_path / "stop_reason.txt").read_text()
+    assert reason.startswith(f"collapse guard at step {len(metrics)}, before its update: {distinct[-1]:.1f} distinct") and len(metrics) < 14
+    assert distinct[-1] < 45 and all(d >= 45 for d in distinct[:-1])
+    assert "score/above_band" not in metrics[0]  # a Python function has no held-out band
+    # The guard decides before the update: the collapsed batch trains nothing, and the saved
+    # policy is the one of the step before.
+    assert "loss/policy" not in metrics[-1] and all("loss/policy" in m for m in metrics[:-1])
+    before = tmp_path / "checkpoints" / f"step-{len(metrics) - 1:07d}" / "model" / "model.safetensors"
+    final, previous = load_file(tmp_path / "model" / "model.safetensors"), load_file(before)
+    assert final.keys() == previous.keys() and all(torch.equal(final[k], previous[k]) for k in final)
+    # Each kind of warning is logged once, at the first step that shows it, however many do.
+    assert sum(m["diversity/top_share"] > 0.2 for m in metrics) > 1 and caplog.text.count("of responses are one and the same text") == 1
+
+    config.resume = True
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rlhf.ppo"):
+        ppo.train(config)
+    assert "already stopped" in caplog.text and reason.strip() in caplog.text
+    assert (tmp_path / "metrics.jsonl").read_text() == logged and (tmp_path / "stop_reason.txt").read_text() == reason
+    config.stop.min_distinct = None  # lifting the guard lets the run go on to its step limit
+    ppo.train(config)
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 15))
+    assert (tmp_path / "stop_reason.txt").read_text().startswith("max steps")
+
+
+@pytest.mark.parametrize("band, above", [([-0.5, 0.5], True), ([0.5, 2.0], False)])
+def test_a_reward_models_band_flags_steps_whose_mean_score_is_above_it(tiny_model_dir, tiny_prompts, tmp_path, caplog, band, above):
+    rm = constant_reward_model(tiny_model_dir, tmp_path / "rm", 1.0, band)
+    config = make_config(tiny_model_dir, tiny_prompts, tmp_path / "run", max_steps=1)
+    config.reward, config.algo.missing_eos_penalty = RewardSourceConfig(kind="model", path=str(rm)), 0.0
+    with caplog.at_level(logging.WARNING, logger="rlhf.ppo"):
+        ppo.train(config)
+    (metrics,) = read_metrics(tmp_path / "run")
+    assert metrics["score/mean"] == pytest.approx(1.0) and metrics["score/above_band"] == float(above)
+    assert ("mean reward-model score 1.00 is above 0.50, the 95th percentile" in caplog.text) == above
 
 
 def test_warm_up_counts_optimiser_updates_and_the_logged_rate_is_the_one_used(tiny_model_dir, tiny_prompts, tmp_path):

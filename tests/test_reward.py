@@ -70,10 +70,25 @@ def test_rankings_train_above_chance(tiny_model_dir, tmp_path):
 
     train = write_jsonl(tmp_path / "rank.jsonl", [ranking(rng.choice(list(TOPICS))) for _ in range(96)])
     held = write_jsonl(tmp_path / "rank_eval.jsonl", [ranking(rng.choice(list(TOPICS))) for _ in range(32)])
-    reward.train(_config(tiny_model_dir, train, tmp_path / "rm", eval=[str(held)]))
+    path = reward.train(_config(tiny_model_dir, train, tmp_path / "rm", eval=[str(held)]))
     result = json.loads((tmp_path / "rm" / "eval.json").read_text())
     assert result["pairs"] == 32 * 3
     assert result["accuracy"] >= 0.8
+
+    # The score band: 5th and 95th percentiles of the normalised scores of the 96 held-out
+    # completions, interpolated between the two nearest of the sorted scores.
+    records = [json.loads(line) for line in held.read_text().splitlines()]
+    source = load_reward_source(RewardSourceConfig(kind="model", path=str(path)))
+    scores = sorted(source([r["prompt"] for r in records for _ in r["completions"]], [c for r in records for c in r["completions"]]).tolist())
+
+    def percentile(q):
+        position = q * (len(scores) - 1)
+        below = math.floor(position)
+        return scores[below] + (position - below) * (scores[below + 1] - scores[below])
+
+    p5, p95 = result["score_band"]
+    assert p5 < p95 and (p5, p95) == (pytest.approx(percentile(0.05), abs=1e-4), pytest.approx(percentile(0.95), abs=1e-4))
+    assert AutoModelForSequenceClassification.from_pretrained(path).config.reward_score_band == result["score_band"]
 
 
 def test_ratings_train_above_chance(tiny_model_dir, tmp_path):
