@@ -24,6 +24,7 @@ continues the round, with no label lost or counted twice.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -73,6 +74,8 @@ class LoopConfig:
     """Prompt files the rounds' candidates are sampled for."""
     candidates: PositiveInt = 4
     """Completions per prompt, ranked by one labeler (2: pairs)."""
+    temperature: Positive = 1.0
+    """Sampling temperature of the candidates (1, as `rlhf generate`: the policy's own distribution, broader than PPO's sampling); the rest of the sampling settings are ppo.generation's."""
     from_previous: bool = False
     """Sample half of each prompt's candidates from the previous round's policy (the reference in the first round)."""
     reference: str = ""
@@ -179,7 +182,7 @@ def _candidates(recipe, config: LoopConfig, rnd: Round, prompts: list[Content], 
 
     prompts_file = rnd.dir / ".pool_prompts.jsonl"
     write_jsonl(prompts_file, [{"prompt": p} for p in prompts])
-    sampling = recipe.ppo.generation
+    sampling = dataclasses.replace(recipe.ppo.generation, temperature=config.temperature)
     sources = [(rnd.policy, config.candidates)]
     if config.from_previous and rnd.previous != rnd.policy:
         sources = [(rnd.policy, config.candidates - config.candidates // 2), (rnd.previous, config.candidates // 2)]
@@ -472,6 +475,7 @@ def summarize_round(recipe, config: LoopConfig, rnd: Round, feedback: Path, accu
         "stop_reason": (rnd.dir / "ppo" / "stop_reason.txt").read_text().strip(),
         "time": dict(rnd.timing),
     }
+    summary["warnings"] = current.get("warnings", [])
     for key in ("distinct_per_100", "top_share", "distinct_2"):
         if key in current:
             summary[key] = current[key]
@@ -593,7 +597,10 @@ def write_report(project: Path, summaries: list[dict]) -> Path:
             f"{_num(s.get('distinct_per_100'), '{:.0f}')} | {_pct(s.get('fresh_accuracy'))} | "
             f"{_pct(s.get('reward_accuracy'))} | {_pct(agreement)} | {minutes:.1f} min |"
         )
-    lines += ["", "![loop](loop.png)", "", "## Stops", ""]
+    lines += ["", "![loop](loop.png)", "", "## Warnings", ""]
+    signs = [f"- round {s['round']}: {w}" for s in summaries for w in s.get("warnings", [])]
+    lines += signs or ["No collapse or over-optimisation signs in any round's policy."]
+    lines += ["", "## Stops", ""]
     lines += [f"- round {s['round']}: {s['stop_reason']}" for s in summaries]
     lines += ["", "## Time per step (s)", "", "| round | " + " | ".join(STEPS) + " |", "|---|" + "---|" * len(STEPS)]
     lines += [f"| {s['round']} | " + " | ".join(f"{s['time'].get(k, 0):.0f}" for k in STEPS) + " |" for s in summaries]

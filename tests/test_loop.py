@@ -61,7 +61,7 @@ loop:
   labels_per_round: [12, 8]
   candidates: 3
   ppo_steps: 8
-  feedback: {{labeler: {labeler}}}
+  feedback: {{labeler: '{labeler}'}}
 {extra}
 """)
     return recipe
@@ -228,3 +228,14 @@ def test_bootstrap_heads_agree_where_the_labels_do_and_start_from_the_trained_he
 
 def test_most_uncertain_takes_the_largest_first():
     assert selection.most_uncertain(torch.tensor([0.1, 0.5, 0.3, 0.5]), 3) == [1, 3, 2]
+
+
+def test_a_label_torn_by_a_kill_mid_write_is_cut_off_and_asked_again(tmp_path):
+    from rlhf.loop import _read_partial
+
+    partial = tmp_path / "feedback.partial.jsonl"
+    whole = '{"item": 0, "completions": ["a", "b"]}\n{"item": 2, "completions": ["c", "d"]}\n'
+    partial.write_text(whole + '{"item": 5, "compl')
+    assert sorted(_read_partial(partial)) == [0, 2]
+    assert partial.read_text() == whole  # the next label is appended after a whole line
+    assert _read_partial(tmp_path / "missing.jsonl") == {}
