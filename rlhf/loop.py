@@ -362,7 +362,10 @@ def app_feedback(config: LoopConfig, rnd: Round, items: list[dict]) -> list[dict
         raise ConfigError(f"loop.feedback.app_db: {config.feedback.app_db} is a {task} project; the loop queues rankings (start a new database, or `rlhf label serve --task rank`)")
     tag = app_tag(rnd)
     store.add_items([(item["prompt"], list(item["completions"]), f"{tag}#{item['item']}") for item in items])
-    wanted = min(config.feedback.min_answers or len(items), len(items))
+    # An item the app already held (the same prompt and completions, queued by an earlier round)
+    # is not added again: the round waits for the items it holds.
+    queued = sum(item.source.startswith(f"{tag}#") for item in store.items().values())
+    wanted = min(config.feedback.min_answers or queued, queued)
     marker = Path(config.project_dir) / "continue"
     while len(labels := app_answers(store, tag)) < wanted and not marker.exists():
         log.info("loop round %d: %d of %d app labels in (waiting for %d; `rlhf loop continue %s` goes on now)", rnd.index, len(labels), len(items), wanted, config.project_dir)
@@ -521,7 +524,7 @@ def run(recipe) -> Path:
         sft.train(recipe.sft)
     project = Path(config.project_dir)
     project.mkdir(parents=True, exist_ok=True)
-    _write_json(project / "loop.json", {"app_db": config.feedback.app_db, "rounds": len(config.labels_per_round)})
+    _write_json(project / "loop.json", {"app_db": config.feedback.app_db, "labeler": config.feedback.labeler, "rounds": len(config.labels_per_round)})
     policy, previous, reward_model = config.policy or reference, reference, config.reward
     summaries = []
     for index in range(len(config.labels_per_round)):
@@ -656,9 +659,9 @@ def status(project_dir: str) -> str:
         line = f"{rnd.name}: " + (", ".join(done) if done else "started")
         if steps["selected"] and not steps["labelled"]:
             selected = len((rnd / "selected.jsonl").read_text().splitlines())
-            partial = len(_read_partial(rnd / "feedback.partial.jsonl"))
-            line += f"; labels {partial} of {selected} from the labeler function"
             config = _read_json(project / "loop.json", {})
+            if config.get("labeler"):
+                line += f"; {len(_read_partial(rnd / 'feedback.partial.jsonl'))} of {selected} labels from {config['labeler']}"
             if config.get("app_db"):
                 from rlhf.label.db import Store
 
