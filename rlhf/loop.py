@@ -586,9 +586,10 @@ def write_report(project: Path, summaries: list[dict]) -> Path:
         "# Loop report", "",
         "Win-rates are against the reference (the SFT model) on the held-out prompts. The gap between the reward model's",
         "win-rate and gold's is what the policy gets from the reward model that gold does not give: reward hacking, where it grows.",
+        "Gold vs previous round: the round's policy against the one before it, by gold, on the same prompts.",
         "Fresh accuracy is the previous reward model's accuracy on the round's new labels, before it trains on them.", "",
-        "| round | labels (total) | gold win-rate | RM win-rate | gap | KL | ends with EOS | distinct /100 | fresh accuracy | RM held-out accuracy | agreement with gold | time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | labels (total) | gold win-rate | RM win-rate | gap | gold vs previous round | KL | ends with EOS | distinct /100 | fresh accuracy | RM held-out accuracy | agreement with gold | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         gap = s["win_rate_rm"] - s["win_rate_gold"] if s.get("win_rate_rm") is not None and s.get("win_rate_gold") is not None else None
@@ -596,7 +597,7 @@ def write_report(project: Path, summaries: list[dict]) -> Path:
         minutes = sum(s["time"].values()) / 60
         lines.append(
             f"| {s['round']} | {s['labels']} ({s['labels_total']}) | {_pct(s.get('win_rate_gold'))} | {_pct(s.get('win_rate_rm'))} | "
-            f"{_num(gap and gap * 100, '{:+.1f}')} | {s['kl']:.2f} | {_pct(s['eos_fraction'])} | "
+            f"{_num(gap and gap * 100, '{:+.1f}')} | {_pct(s.get('win_rate_gold_vs_previous'))} | {s['kl']:.2f} | {_pct(s['eos_fraction'])} | "
             f"{_num(s.get('distinct_per_100'), '{:.0f}')} | {_pct(s.get('fresh_accuracy'))} | "
             f"{_pct(s.get('reward_accuracy'))} | {_pct(agreement)} | {minutes:.1f} min |"
         )
