@@ -26,6 +26,7 @@ from pathlib import Path
 import jinja2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -44,6 +45,25 @@ MAX_REASON = 2000
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
 STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
 BAD_INVITE = "This invite link is not valid or was already used."
+ASCII_NUMBER = re.compile(r"[0-9]{1,18}")
+"""A whole number in a form: ASCII digits only (str.isdigit also takes "²", which int() refuses,
+and "١", which it reads as 1), and few enough of them to fit SQLite's 64-bit integers."""
+
+
+class IdConvertor(Convertor):
+    """Row ids in paths: at most 18 ASCII digits, so a larger one is a 404 rather than an
+    OverflowError from SQLite."""
+
+    regex = "[0-9]{1,18}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("id", IdConvertor())
 
 SECURITY_HEADERS = [
     (
@@ -180,7 +200,7 @@ def parse_value(project: Project, item: Item, labeler_id: int, form: FormData) -
         ranks = []
         for shown in range(k):
             raw = form.get(f"rank_{shown}", "")
-            if not raw.isdigit() or not 1 <= int(raw) <= k:
+            if not ASCII_NUMBER.fullmatch(raw) or not 1 <= int(raw) <= k:
                 raise HTTPException(422, f"rank_{shown} must be a whole number from 1 to {k}; got {raw!r}")
             ranks.append(int(raw))
         if sorted(ranks) != list(range(1, k + 1)):
@@ -386,11 +406,11 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/label", label_page, methods=["GET"]),
-        Route("/items/{item_id:int}/answer", answer, methods=["POST"]),
+        Route("/items/{item_id:id}/answer", answer, methods=["POST"]),
         Route("/answers", my_answers, methods=["GET"]),
-        Route("/answers/{answer_id:int}/undo", undo, methods=["POST"]),
+        Route("/answers/{answer_id:id}/undo", undo, methods=["POST"]),
         Route("/admin", admin_page, methods=["GET"]),
-        Route("/admin/items/{item_id:int}", admin_item, methods=["GET"]),
+        Route("/admin/items/{item_id:id}", admin_item, methods=["GET"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, StoreError: store_error})

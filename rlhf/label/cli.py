@@ -14,17 +14,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlhf.data import DataError, load_candidates
+from rlhf.data import LOCAL_SUFFIXES, DataError, load_candidates
 from rlhf.label.db import SCALES, TASKS, Project, Store, StoreError, build_items
 from rlhf.label.export import export
 
 
+def read_candidates(path: Path) -> list:
+    """The records of a local candidates file (`rlhf generate` writes JSONL); never a hub name."""
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise DataError(str(path), f"a candidates file ends in one of {', '.join(LOCAL_SUFFIXES)}")
+    return list(load_candidates(path))
+
+
 def serve(args: argparse.Namespace) -> int:
-    store = Store(args.db)
-    stored = store.project()
+    # Everything is checked before the project file is opened, so that a failed first run
+    # leaves no empty database behind.
+    records = read_candidates(args.candidates) if args.candidates else []
+    stored = Store(args.db).project() if args.db.exists() else None
     if stored is None and not args.candidates:
         raise StoreError("invalid", f"{args.db} holds no project yet: pass --candidates FILE to start one")
-    records = list(load_candidates(args.candidates)) if args.candidates else []
     # A new project takes the flags (or their defaults); an existing one keeps its settings,
     # and a flag that contradicts them is an error.
     project = Project(
@@ -35,6 +43,7 @@ def serve(args: argparse.Namespace) -> int:
     items, dropped = build_items(records, project.task)
     if stored is None and not items:
         raise StoreError("invalid", f"{args.candidates} gives no {project.task} items")
+    store = Store(args.db)
     store.set_project(project)
     if args.candidates:
         added = store.add_items(items)

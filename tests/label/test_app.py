@@ -142,6 +142,26 @@ def test_bad_input_gets_a_clear_4xx(pair_db, client_for):
     assert Store(pair_db).live_answers() == []
 
 
+def test_bad_ids_and_numbers_get_a_4xx(tmp_path, client_for):
+    """Ids past SQLite's 64-bit integers, and digits other than ASCII ones, are refused, never a 500."""
+    db = make_project(tmp_path, "rank", [("p", ["x", "y", "z"])])
+    alice = Labeler(client_for(db), invite(db, "alice", admin=True))
+    huge = str(2**63)
+    form = {"csrf": alice.csrf, "key": "abcdefgh1", "choice": "a"}
+    for path in [f"/items/{huge}/answer", f"/answers/{huge}/undo", f"/items/{'9' * 30}/answer"]:
+        r = alice.client.post(path, data=form)
+        assert r.status_code == 404, path
+    assert alice.client.get(f"/admin/items/{huge}").status_code == 404
+    assert alice.client.get(f"/admin/items/{2**63 - 1}").status_code == 404  # the largest id: not there
+    for digit in ["\u00b2", "\u0661", "\uff11"]:  # superscript two, Arabic-Indic one, fullwidth one
+        r = alice.answer({"choice": "rank", "rank_0": digit, "rank_1": "2", "rank_2": "3"})
+        assert r.status_code == 422 and "whole number from 1 to 3" in r.json()["error"], digit
+    r = alice.client.post(f"/items/{alice.item_id}/answer", content=b"choice=a",
+                          headers={"content-type": "application/x-www-form-urlencoded", "content-length": "\u00b2".encode("latin-1")})
+    assert r.status_code == 413
+    assert Store(db).live_answers() == []
+
+
 def test_rank_and_rate_validation(tmp_path, client_for):
     rank_db = make_project(tmp_path, "rank", [("p", ["x", "y", "z"])], name="rank")
     alice = Labeler(client_for(rank_db), invite(rank_db, "alice"))

@@ -58,4 +58,13 @@ def test_a_failed_first_serve_leaves_no_project(tmp_path, capsys):
     single = write_candidates(tmp_path / "single.jsonl", [("p", ["only one"])])
     assert main(["serve", "--db", str(db), "--candidates", str(single), "--task", "pair"]) == 2
     assert "gives no pair items" in capsys.readouterr().err
-    assert Store(db).project() is None
+    assert not db.exists()  # no empty project file left behind
+
+
+def test_serve_reads_only_a_local_candidates_file(tmp_path, capsys):
+    db = tmp_path / "f.sqlite"
+    for source in ["candidates", str(tmp_path / "missing.jsonl")]:  # no suffix: never looked up on the hub
+        assert main(["serve", "--db", str(db), "--candidates", source]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and ("ends in one of .jsonl" in line or "file not found" in line)
+    assert not db.exists()
