@@ -36,7 +36,7 @@ from starlette.staticfiles import StaticFiles
 
 from rlhf.data import Content, as_text
 from rlhf.label import agreement
-from rlhf.label.db import SESSION_SECONDS, Answer, Item, Project, Session, Store, StoreError
+from rlhf.label.db import Answer, Item, Labeler, Project, Session, Store, StoreError
 
 HERE = Path(__file__).parent
 COOKIE = "rlhf_label_session"
@@ -44,7 +44,10 @@ MAX_BODY = 64 * 1024
 MAX_REASON = 2000
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")
 STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
-BAD_INVITE = "This invite link is not valid or was already used."
+BAD_INVITE = "This sign-in link is not valid or was already used: ask your project admin for a new one."
+EXPIRED_INVITE = "This sign-in link has expired: ask your project admin for a new one."
+COOKIE_SECONDS = 400 * 24 * 3600
+"""The cookie outlives the session (Chromium's cap): the server decides when a session ends."""
 ASCII_NUMBER = re.compile(r"[0-9]{1,18}")
 """A whole number in a form: ASCII digits only (str.isdigit also takes "²", which int() refuses,
 and "١", which it reads as 1), and few enough of them to fit SQLite's 64-bit integers."""
@@ -90,7 +93,7 @@ class SecurityHeaders:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        is_static = scope["path"].startswith("/static/")
+        is_static = scope["path"].startswith(scope.get("root_path", "") + "/static/")
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -228,9 +231,13 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
     )
     env.globals.update(when=when, fraction=fraction, percent=percent, excerpt=excerpt, project=project)
 
-    def render(name: str, code: int = 200, **context) -> HTMLResponse:
+    def render(request: Request, name: str, code: int = 200, **context) -> HTMLResponse:
         context.setdefault("session", None)
+        context["root"] = request.scope.get("root_path", "")
         return HTMLResponse(env.get_template(name).render(**context), status_code=code)
+
+    def redirect(request: Request, path: str) -> RedirectResponse:
+        return RedirectResponse(request.scope.get("root_path", "") + path, status_code=303)
 
     # ------------------------------------------------------------ sessions and CSRF
 
@@ -238,7 +245,7 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
         token = request.cookies.get(COOKIE)
         session = await run_in_threadpool(store.session, token) if token else None
         if session is None:
-            raise HTTPException(401, "Sign in first: open the invite link you were given.")
+            raise HTTPException(401, "Sign in first: open the sign-in link you were given (your project admin can send a new one).")
         if admin and not session.labeler.is_admin:
             raise HTTPException(403, "This page is for project admins.")
         return session
@@ -254,9 +261,9 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
             raise HTTPException(415, "Send the form as application/x-www-form-urlencoded.")
         return await request.form(max_files=0, max_fields=64)
 
-    async def checked_post(request: Request) -> tuple[Session, FormData]:
+    async def checked_post(request: Request, admin: bool = False) -> tuple[Session, FormData]:
         """The session and form of a state-changing request, with its CSRF token checked."""
-        session = await session_of(request)
+        session = await session_of(request, admin)
         check_origin(request)
         form = await read_form(request)
         token = form.get("csrf") or request.headers.get("x-csrf-token") or ""
@@ -266,12 +273,20 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
 
     # ------------------------------------------------------------ sign in and out
 
+    def start_page(labeler: Labeler) -> str:
+        # An admin lands on the overview: opening the queue would hand them an item.
+        return "/admin" if labeler.is_admin else "/label"
+
     async def login_page(request: Request) -> Response:
         token = request.query_params.get("token", "")
-        labeler = await run_in_threadpool(store.invited, token) if token else None
-        if token and labeler is None:
-            return render("login.html", 403, token="", invitee=None, error=BAD_INVITE)
-        return render("login.html", token=token, invitee=labeler, error=None)
+        cookie = request.cookies.get(COOKIE)
+        session = await run_in_threadpool(store.session, cookie) if cookie else None
+        if session is not None:  # already signed in: a used link (or any) opens the work
+            return redirect(request, start_page(session.labeler))
+        labeler, expired = await run_in_threadpool(store.invited, token) if token else (None, False)
+        if token and (labeler is None or expired):
+            return render(request, "login.html", 403, token="", invitee=None, error=EXPIRED_INVITE if expired else BAD_INVITE)
+        return render(request, "login.html", token=token, invitee=labeler, error=None)
 
     async def login(request: Request) -> Response:
         check_origin(request)
@@ -279,27 +294,30 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
         token = str(form.get("token", "")).strip()
         opened = await run_in_threadpool(store.redeem_invite, token) if token else None
         if opened is None:
-            return render("login.html", 403, token="", invitee=None, error=BAD_INVITE)
-        session_token, _ = opened
-        response = RedirectResponse("/label", status_code=303)
+            _, expired = await run_in_threadpool(store.invited, token) if token else (None, False)
+            return render(request, "login.html", 403, token="", invitee=None, error=EXPIRED_INVITE if expired else BAD_INVITE)
+        session_token, labeler = opened
+        response = redirect(request, start_page(labeler))
+        # Lax: a link from another site (a chat message, an email) opens the queue signed in.
+        # Cross-site posts still fail the Origin and CSRF-token checks.
         response.set_cookie(
-            COOKIE, session_token, max_age=SESSION_SECONDS, httponly=True, samesite="strict",
-            secure=request.url.scheme == "https",
+            COOKIE, session_token, max_age=COOKIE_SECONDS, path=request.scope.get("root_path", "") or "/",
+            httponly=True, samesite="lax", secure=request.url.scheme == "https",
         )
         return response
 
     async def logout(request: Request) -> Response:
         await checked_post(request)
         await run_in_threadpool(store.end_session, request.cookies[COOKIE])
-        response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(COOKIE)
+        response = redirect(request, "/login")
+        response.delete_cookie(COOKIE, path=request.scope.get("root_path", "") or "/")
         return response
 
     # ------------------------------------------------------------ labeling
 
     async def home(request: Request) -> Response:
         await session_of(request)
-        return RedirectResponse("/label", status_code=303)
+        return redirect(request, "/label")
 
     def page_state(labeler_id: int) -> tuple[Item | None, dict, Answer | None]:
         item = store.next_item(labeler_id, project.overlap)
@@ -316,10 +334,10 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
             ),
         )
         if item is None:
-            return render("done.html", **context)
+            return render(request, "done.html", **context)
         order = display_order(item.id, labeler.id, len(item.completions))
         shown = [(position, completion, item.completions[completion]) for position, completion in enumerate(order)]
-        return render(f"{project.task}.html", item=item, shown=shown, key=secrets.token_urlsafe(16), **context)
+        return render(request, f"{project.task}.html", item=item, shown=shown, key=secrets.token_urlsafe(16), **context)
 
     async def answer(request: Request) -> Response:
         session, form = await checked_post(request)
@@ -335,12 +353,12 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
             raise HTTPException(404, f"item {item_id} is not in your queue")
         value = parse_value(project, item, session.labeler.id, form)
         await run_in_threadpool(store.submit, session.labeler.id, item_id, value, reason, key)
-        return RedirectResponse("/label?done=saved", status_code=303)
+        return redirect(request, "/label?done=saved")
 
     async def undo(request: Request) -> Response:
         session, _ = await checked_post(request)
         await run_in_threadpool(store.undo, session.labeler.id, request.path_params["answer_id"])
-        return RedirectResponse("/label?done=undone", status_code=303)
+        return redirect(request, "/label?done=undone")
 
     async def my_answers(request: Request) -> Response:
         session = await session_of(request)
@@ -348,7 +366,7 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
         answers = [
             (a, item, describe(project, a.value, labeler_names(project, item, session.labeler.id))) for a, item in rows
         ]
-        return render("answers.html", session=session, answers=answers)
+        return render(request, "answers.html", session=session, answers=answers)
 
     # ------------------------------------------------------------ admin
 
@@ -371,10 +389,32 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
             }
         return {"overview": overview, "summary": summary, "disagreements": shown}
 
-    async def admin_page(request: Request) -> Response:
-        session = await session_of(request, admin=True)
+    async def admin_page(request: Request, session: Session | None = None, link: tuple[str, str] | None = None,
+                         notice: str | None = None) -> Response:
+        session = session or await session_of(request, admin=True)
         state = await run_in_threadpool(admin_state)
-        return render("admin.html", session=session, **state)
+        return render(request, "admin.html", session=session, link=link, notice=notice, **state)
+
+    async def labeler_named(form: FormData) -> str:
+        name = str(form.get("name", "")).strip()
+        if not name or len(name) > 64:
+            raise HTTPException(422, "name must be a labeler's name, 1 to 64 characters")
+        return name
+
+    async def send_link(request: Request) -> Response:
+        """A new sign-in link for a labeler (new, signed out, on a new device, or revoked)."""
+        session, form = await checked_post(request, admin=True)
+        name = await labeler_named(form)
+        token, _ = await run_in_threadpool(store.add_labeler, name, form.get("admin") == "1")
+        return await admin_page(request, session, link=(name, f"{request.base_url}login?token={token}"))
+
+    async def revoke(request: Request) -> Response:
+        session, form = await checked_post(request, admin=True)
+        name = await labeler_named(form)
+        if name == session.labeler.name:
+            raise HTTPException(409, "you cannot revoke your own access; ask another admin or use the CLI")
+        ended = await run_in_threadpool(store.revoke, name)
+        return await admin_page(request, session, notice=f"Revoked {name}: {ended} session{'s' if ended != 1 else ''} ended.")
 
     async def admin_item(request: Request) -> Response:
         session = await session_of(request, admin=True)
@@ -385,7 +425,7 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
         answers = await run_in_threadpool(store.live_answers, item_id)
         names = admin_names(item)
         rows = [(a, describe(project, a.value, names)) for a in answers]
-        return render("admin_item.html", session=session, item=item, answers=rows)
+        return render(request, "admin_item.html", session=session, item=item, answers=rows)
 
     # ------------------------------------------------------------ errors
 
@@ -394,7 +434,7 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if wants_html(request):
-            return render("error.html", exc.status_code, status=exc.status_code, message=exc.detail)
+            return render(request, "error.html", exc.status_code, status=exc.status_code, message=exc.detail)
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
     async def store_error(request: Request, exc: StoreError) -> Response:
@@ -411,6 +451,8 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
         Route("/answers/{answer_id:id}/undo", undo, methods=["POST"]),
         Route("/admin", admin_page, methods=["GET"]),
         Route("/admin/items/{item_id:id}", admin_item, methods=["GET"]),
+        Route("/admin/labelers/link", send_link, methods=["POST"]),
+        Route("/admin/labelers/revoke", revoke, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, StoreError: store_error})

@@ -1,7 +1,8 @@
 """`rlhf label ...`: serve the labeling app, invite labelers, export their answers.
 
     python -m rlhf.label serve --candidates candidates.jsonl --db feedback.sqlite --task pair --overlap 2
-    python -m rlhf.label add-labeler alice --db feedback.sqlite [--admin]
+    python -m rlhf.label add-labeler alice --db feedback.sqlite [--admin]   # or a new sign-in link
+    python -m rlhf.label revoke alice --db feedback.sqlite
     python -m rlhf.label export --db feedback.sqlite --out prefs.jsonl
 
 The main CLI mounts these with `add_label_parser(subparsers)` and, for `rlhf label ...`, calls
@@ -72,9 +73,16 @@ def add_labeler(args: argparse.Namespace) -> int:
     if not name or len(name) > 64:
         raise StoreError("invalid", "a labeler name must be 1 to 64 characters")
     token, created = Store(args.db).add_labeler(name, is_admin=args.admin)
-    what = "new labeler" if created else "new invite for existing labeler (any earlier unused invite stops working)"
-    print(f"{what} {name}{' (admin)' if args.admin else ''}; the invite works once:", file=sys.stderr)
+    what = "new labeler" if created else "new sign-in link for existing labeler (any earlier unused link stops working)"
+    print(f"{what} {name}{' (admin)' if args.admin else ''}; the link works once, within 7 days:", file=sys.stderr)
     print(f"{args.base_url.rstrip('/')}/login?token={token}")
+    return 0
+
+
+def revoke(args: argparse.Namespace) -> int:
+    ended = Store(args.db).revoke(args.name)
+    print(f"revoked {args.name}: {ended} session{'s' if ended != 1 else ''} ended; add-labeler gives them a new link",
+          file=sys.stderr)
     return 0
 
 
@@ -99,12 +107,17 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=serve)
 
-    p = commands.add_parser("add-labeler", help="add a labeler and print their one-time invite link")
+    p = commands.add_parser("add-labeler", help="add a labeler, or give one a new sign-in link, and print it")
     p.add_argument("name")
     p.add_argument("--db", type=Path, default=Path("feedback.sqlite"))
     p.add_argument("--admin", action="store_true", help="may open the admin page")
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="where labelers reach the server")
     p.set_defaults(func=add_labeler)
+
+    p = commands.add_parser("revoke", help="end a labeler's access: every session and any unused sign-in link")
+    p.add_argument("name")
+    p.add_argument("--db", type=Path, default=Path("feedback.sqlite"))
+    p.set_defaults(func=revoke)
 
     p = commands.add_parser("export", help="write the answers as feedback records that `rlhf reward` reads")
     p.add_argument("--db", type=Path, default=Path("feedback.sqlite"))

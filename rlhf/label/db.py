@@ -40,6 +40,12 @@ LEASE_SECONDS = 30 * 60
 too (their answer is still accepted), so a labeler who walks away does not block the item."""
 
 SESSION_SECONDS = 14 * 24 * 3600
+"""A session ends after this long unused; every use renews it (at most once a minute, so that
+reading pages does not write to the database on every request)."""
+RENEW_SECONDS = 60
+
+INVITE_SECONDS = 7 * 24 * 3600
+"""A sign-in link works once, within this long of being issued."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS project (
@@ -58,8 +64,10 @@ CREATE TABLE IF NOT EXISTS labelers (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL UNIQUE,
     is_admin    INTEGER NOT NULL DEFAULT 0,
-    invite_hash TEXT UNIQUE,             -- sha256 of the one-time invite; NULL once used
-    created_at  REAL NOT NULL
+    invite_hash TEXT UNIQUE,             -- sha256 of the one-time sign-in link; NULL once used
+    created_at  REAL NOT NULL,
+    invite_expires_at REAL,              -- when the sign-in link stops working
+    revoked_at  REAL                     -- set: no sign-in, no session (a new link restores access)
 );
 CREATE TABLE IF NOT EXISTS sessions (
     token_hash  TEXT PRIMARY KEY,        -- sha256 of the cookie value; the cookie itself is never stored
@@ -199,6 +207,19 @@ def build_items(records: list[Candidates], task: Task) -> tuple[list[tuple[Conte
 # ---------------------------------------------------------------- the store
 
 
+def _add_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    """Add a column a project file from an earlier version lacks; returns whether it was added."""
+    if column.split()[0] in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+        return False
+    try:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        return True
+    except sqlite3.OperationalError as exc:  # another process added it first
+        if "duplicate column" not in str(exc):
+            raise
+        return False
+
+
 class Store:
     """One project file. Thread-safe: each thread gets its own connection."""
 
@@ -209,12 +230,14 @@ class Store:
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(SCHEMA)
-        if "messages" not in {row["name"] for row in conn.execute("PRAGMA table_info(items)")}:
-            try:  # a project file from before conversational prompts
-                conn.execute("ALTER TABLE items ADD COLUMN messages TEXT")
-            except sqlite3.OperationalError as exc:  # another process added it first
-                if "duplicate column" not in str(exc):
-                    raise
+        # Columns that project files from earlier versions lack: conversational prompts, then
+        # expiring sign-in links and revocation (an unused old invite gets the usual time left).
+        _add_column(conn, "items", "messages TEXT")
+        if _add_column(conn, "labelers", "invite_expires_at REAL"):
+            conn.execute(
+                "UPDATE labelers SET invite_expires_at = ? WHERE invite_hash IS NOT NULL", (time.time() + INVITE_SECONDS,)
+            )
+        _add_column(conn, "labelers", "revoked_at REAL")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -314,37 +337,60 @@ class Store:
     # ------------------------------------------------------------ labelers and sessions
 
     def add_labeler(self, name: str, is_admin: bool = False) -> tuple[str, bool]:
-        """Create a labeler (or give an existing one a fresh invite); returns (invite token, created)."""
+        """Create a labeler, or give an existing one a new sign-in link (which also restores a
+        revoked labeler); returns (sign-in token, created). Any earlier unused link stops working;
+        sessions already open stay open (a second device)."""
         token = secrets.token_urlsafe(24)
+        expires = time.time() + INVITE_SECONDS
         with self.write() as conn:
             row = conn.execute("SELECT id FROM labelers WHERE name = ?", (name,)).fetchone()
             if row is None:
                 conn.execute(
-                    "INSERT INTO labelers (name, is_admin, invite_hash, created_at) VALUES (?, ?, ?, ?)",
-                    (name, int(is_admin), _hash(token), time.time()),
+                    "INSERT INTO labelers (name, is_admin, invite_hash, invite_expires_at, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, int(is_admin), _hash(token), expires, time.time()),
                 )
                 return token, True
             conn.execute(
-                "UPDATE labelers SET invite_hash = ?, is_admin = MAX(is_admin, ?) WHERE id = ?",
-                (_hash(token), int(is_admin), row["id"]),
+                "UPDATE labelers SET invite_hash = ?, invite_expires_at = ?, revoked_at = NULL,"
+                " is_admin = MAX(is_admin, ?) WHERE id = ?",
+                (_hash(token), expires, int(is_admin), row["id"]),
             )
             return token, False
 
-    def invited(self, token: str) -> Labeler | None:
-        """The labeler an unused invite belongs to, without using it."""
+    def revoke(self, name: str) -> int:
+        """End a labeler's access: every session at once and any unused sign-in link. Their
+        answers stay. Returns how many sessions were ended."""
+        with self.write() as conn:
+            row = conn.execute("SELECT id FROM labelers WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise StoreError("not_found", f"there is no labeler {name!r}")
+            conn.execute(
+                "UPDATE labelers SET revoked_at = ?, invite_hash = NULL, invite_expires_at = NULL WHERE id = ?",
+                (time.time(), row["id"]),
+            )
+            return conn.execute("DELETE FROM sessions WHERE labeler_id = ?", (row["id"],)).rowcount
+
+    def invited(self, token: str) -> tuple[Labeler | None, bool]:
+        """(the labeler an unused sign-in link belongs to, whether it has expired), without using it."""
         with self.read() as conn:
             row = conn.execute("SELECT * FROM labelers WHERE invite_hash = ?", (_hash(token),)).fetchone()
-        return Labeler(row["id"], row["name"], bool(row["is_admin"])) if row else None
+        if row is None:
+            return None, False
+        return Labeler(row["id"], row["name"], bool(row["is_admin"])), row["invite_expires_at"] <= time.time()
 
     def redeem_invite(self, token: str) -> tuple[str, Labeler] | None:
-        """Use up an invite and open a session; returns (session token, labeler) or None."""
+        """Use up a sign-in link that has not expired and open a session; returns (session
+        token, labeler) or None."""
         session = secrets.token_urlsafe(32)
         now = time.time()
         with self.write() as conn:
-            row = conn.execute("SELECT * FROM labelers WHERE invite_hash = ?", (_hash(token),)).fetchone()
+            row = conn.execute(
+                "SELECT * FROM labelers WHERE invite_hash = ? AND invite_expires_at > ?", (_hash(token), now)
+            ).fetchone()
             if row is None:
                 return None
-            conn.execute("UPDATE labelers SET invite_hash = NULL WHERE id = ?", (row["id"],))
+            conn.execute("UPDATE labelers SET invite_hash = NULL, invite_expires_at = NULL WHERE id = ?", (row["id"],))
             conn.execute("DELETE FROM sessions WHERE expires_at < ?", (now,))
             conn.execute(
                 "INSERT INTO sessions (token_hash, labeler_id, csrf, expires_at) VALUES (?, ?, ?, ?)",
@@ -353,13 +399,23 @@ class Store:
         return session, Labeler(row["id"], row["name"], bool(row["is_admin"]))
 
     def session(self, token: str) -> Session | None:
+        """The open session of a cookie, renewed for another SESSION_SECONDS since it is in use."""
+        now = time.time()
         with self.read() as conn:
             row = conn.execute(
-                "SELECT l.id, l.name, l.is_admin, s.csrf FROM sessions s JOIN labelers l ON l.id = s.labeler_id"
-                " WHERE s.token_hash = ? AND s.expires_at > ?",
-                (_hash(token), time.time()),
+                "SELECT l.id, l.name, l.is_admin, s.csrf, s.expires_at FROM sessions s"
+                " JOIN labelers l ON l.id = s.labeler_id WHERE s.token_hash = ? AND s.expires_at > ?",
+                (_hash(token), now),
             ).fetchone()
-        return Session(Labeler(row["id"], row["name"], bool(row["is_admin"])), row["csrf"]) if row else None
+        if row is None:
+            return None
+        if row["expires_at"] < now + SESSION_SECONDS - RENEW_SECONDS:
+            with self.write(durable=False) as conn:
+                conn.execute(
+                    "UPDATE sessions SET expires_at = MAX(expires_at, ?) WHERE token_hash = ?",
+                    (now + SESSION_SECONDS, _hash(token)),
+                )
+        return Session(Labeler(row["id"], row["name"], bool(row["is_admin"])), row["csrf"])
 
     def end_session(self, token: str) -> None:
         with self.write() as conn:
@@ -552,7 +608,7 @@ class Store:
                 ).fetchall()
             ]
             labelers = conn.execute(
-                """SELECT l.name, l.is_admin, l.invite_hash IS NULL AS joined,
+                """SELECT l.name, l.is_admin, l.invite_hash IS NOT NULL AS invited, l.revoked_at IS NOT NULL AS revoked,
                           SUM(a.undone_at IS NULL AND a.value != 'null') AS answered,
                           SUM(a.undone_at IS NULL AND a.value = 'null') AS skipped,
                           SUM(a.undone_at IS NULL AND a.value = '"tie"') AS ties,

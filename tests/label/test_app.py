@@ -57,10 +57,85 @@ def test_an_invite_works_once(pair_db, client_for):
     assert client_for(pair_db).post("/login", data={"token": "nonsense"}).status_code == 403
 
 
-def test_session_cookie_is_http_only_and_strict(pair_db, client_for):
+def test_a_new_sign_in_link_lets_a_signed_out_labeler_back_in(pair_db, client_for):
+    alice = Labeler(client_for(pair_db), invite(pair_db, "alice"))
+    first = alice.item_id
+    assert alice.client.post("/logout", data={"csrf": alice.csrf}, follow_redirects=False).status_code == 303
+    assert alice.client.get("/label").status_code == 401
+    admin = Labeler(client_for(pair_db), invite(pair_db, "dana", admin=True))
+    page = admin.client.post("/admin/labelers/link", data={"csrf": admin.csrf, "name": "alice"}).text
+    link = re.search(r'value="(http://testserver/login\?token=[\w-]+)"', page).group(1)
+    again = Labeler(alice.client, link.split("=", 1)[1])
+    assert again.item_id == first  # the item handed to her before is still hers
+    # A labeler cannot make links.
+    r = again.client.post("/admin/labelers/link", data={"csrf": again.csrf, "name": "alice"})
+    assert r.status_code == 403
+
+
+def test_revoke_ends_every_session_at_once(pair_db, client_for):
+    token = invite(pair_db, "alice")
+    laptop = Labeler(client_for(pair_db), token)
+    phone = Labeler(client_for(pair_db), invite(pair_db, "alice"))  # a second link, a second device
+    admin = Labeler(client_for(pair_db), invite(pair_db, "dana", admin=True))
+    r = admin.client.post("/admin/labelers/revoke", data={"csrf": admin.csrf, "name": "alice"})
+    assert r.status_code == 200 and "2 sessions ended" in r.text
+    for device in (laptop, phone):
+        assert device.client.get("/label").status_code == 401
+        assert device.answer({"choice": "a"}).status_code == 401
+    assert admin.client.post("/admin/labelers/revoke", data={"csrf": "forged", "name": "bob"}).status_code == 403
+    r = admin.client.post("/admin/labelers/revoke", data={"csrf": admin.csrf, "name": "nobody"})
+    assert r.status_code == 404
+    r = admin.client.post("/admin/labelers/revoke", data={"csrf": admin.csrf, "name": "dana"})
+    assert r.status_code == 409  # not oneself
+    # A new link restores access.
+    Labeler(client_for(pair_db), invite(pair_db, "alice"))
+
+
+def test_sign_in_links_expire_and_sessions_renew_while_used(pair_db, client_for, monkeypatch):
+    import sqlite3
+    import time as clock
+
+    from rlhf.label import db as label_db
+
+    token = invite(pair_db, "alice")
+    with sqlite3.connect(pair_db) as conn:
+        conn.execute("UPDATE labelers SET invite_expires_at = ?", (clock.time() - 1,))
+    client = client_for(pair_db)
+    for r in [client.get(f"/login?token={token}"), client.post("/login", data={"token": token})]:
+        assert r.status_code == 403 and "has expired" in r.text
+    # A session unused for SESSION_SECONDS ends; each use pushes the end back.
+    alice = Labeler(client, invite(pair_db, "alice"))
+    now = clock.time()
+    monkeypatch.setattr(label_db.time, "time", lambda: now + label_db.SESSION_SECONDS - 10)
+    assert client.get("/label").status_code == 200  # renewed here ...
+    monkeypatch.setattr(label_db.time, "time", lambda: now + label_db.SESSION_SECONDS + 10)
+    assert client.get("/label").status_code == 200  # ... so still open after the first end
+    monkeypatch.setattr(label_db.time, "time", lambda: now + 3 * label_db.SESSION_SECONDS)
+    assert client.get("/label").status_code == 401
+
+
+def test_a_used_link_opened_while_signed_in_opens_the_queue(pair_db, client_for):
+    token = invite(pair_db, "alice")
+    alice = Labeler(client_for(pair_db), token)
+    r = alice.client.get(f"/login?token={token}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/label"
+
+
+def test_an_admin_signing_in_lands_on_the_overview_and_takes_no_item(pair_db, client_for):
+    client = client_for(pair_db)
+    r = client.post("/login", data={"token": invite(pair_db, "dana", admin=True)}, follow_redirects=False)
+    assert r.headers["location"] == "/admin"
+    assert client.get("/admin").status_code == 200
+    import sqlite3
+
+    with sqlite3.connect(pair_db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM assignments").fetchone()[0] == 0
+
+
+def test_session_cookie_is_http_only_and_lax(pair_db, client_for):
     r = client_for(pair_db).post("/login", data={"token": invite(pair_db, "alice")}, follow_redirects=False)
     cookie = r.headers["set-cookie"].lower()
-    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert "httponly" in cookie and "samesite=lax" in cookie
 
 
 def test_forged_or_missing_csrf_token_is_refused(pair_db, client_for):

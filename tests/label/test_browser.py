@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def cli(*args: str) -> str:
     return result.stdout.strip()
 
 
-def sign_in(browser, server, db: Path, name: str, admin: bool = False):
+def sign_in(browser, server, db: Path, name: str, admin: bool = False, lands: str = "/label"):
     """A fresh browser context (its own cookies) signed in with an invite from the real CLI."""
     link = cli("add-labeler", name, "--db", str(db), "--base-url", server.url, *(["--admin"] if admin else []))
     assert re.fullmatch(rf"{re.escape(server.url)}/login\?token=[\w-]+", link)
@@ -84,7 +85,7 @@ def sign_in(browser, server, db: Path, name: str, admin: bool = False):
     page.goto(link)
     assert "This invite is for" in page.inner_text("main")
     page.keyboard.press("Enter")  # the sign-in button has the focus
-    page.wait_for_url(f"{server.url}/label")
+    page.wait_for_url(f"{server.url}{lands}")
     return page
 
 
@@ -115,7 +116,8 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
     # ---- a pair project: three labelers, each item to all three ---------------------------
     pair_db = make_project(tmp_path, "pair", PAIR_RECORDS, overlap=3, name="pairs")
     server = serve(pair_db)
-    page = sign_in(browser, server, pair_db, "alice", admin=True)
+    page = sign_in(browser, server, pair_db, "alice", admin=True, lands="/admin")  # an admin lands on the overview
+    page.goto(f"{server.url}/label")
     assert "0</strong> answered" in page.inner_html(".status")
 
     first = item_on(page)
@@ -225,7 +227,8 @@ def test_untrusted_text_renders_inert(browser, serve, tmp_path):
     records = [(f"Prompt with {XSS['script']}", [f"{XSS['img']} and {XSS['link']}", f"plain {XSS['script']}"])]
     db = make_project(tmp_path, "pair", records)
     server = serve(db)
-    page = sign_in(browser, server, db, f"mallory {XSS['img']}", admin=True)
+    page = sign_in(browser, server, db, f"mallory {XSS['img']}", admin=True, lands="/admin")
+    page.goto(f"{server.url}/label")
     dialogs, violations = [], []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
@@ -252,3 +255,48 @@ def test_untrusted_text_renders_inert(browser, serve, tmp_path):
     assert page.evaluate("window.__pwned") is None
     assert page.evaluate("document.querySelectorAll('main img').length") == 0
     assert dialogs == [] and violations == []
+
+
+def test_sign_out_then_in_again_revoke_cross_site_link_and_expired_link(browser, serve, tmp_path):
+    db = make_project(tmp_path, "pair", PAIR_RECORDS, overlap=2)
+    server = serve(db)
+
+    # Signed out, a labeler comes back with a new link the admin makes on the admin page.
+    page = sign_in(browser, server, db, "alice")
+    first = item_on(page)
+    with page.expect_navigation(url=re.compile("/login$")):
+        page.click("text=Sign out")
+    page.goto(f"{server.url}/label")
+    assert "Sign in first" in page.inner_text("main")
+    admin = sign_in(browser, server, db, "dana", admin=True, lands="/admin")
+    admin.click('[data-labeler="alice"] [data-action="link"]')
+    link = admin.input_value(".link-box")
+    assert link.startswith(f"{server.url}/login?token=")
+    page.goto(link)
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{server.url}/label")
+    assert item_on(page) == first
+
+    # A link from another site (a chat message) opens the queue signed in: the cookie is Lax.
+    page.route("http://chat.example/", lambda route: route.fulfill(
+        content_type="text/html", body=f'<a id="go" href="{server.url}/label">next item</a>'))
+    page.goto("http://chat.example/")
+    with page.expect_navigation(url=f"{server.url}/label"):
+        page.click("#go")
+    assert item_on(page) == first
+
+    # Revoked, the same browser gets 401 on its next request.
+    admin.click('[data-labeler="alice"] [data-action="revoke"]')
+    assert "Revoked alice" in admin.inner_text(".notice")
+    response = page.reload()
+    assert response.status == 401 and "Sign in first" in page.inner_text("main")
+
+    # An expired link is refused with a message that says so.
+    link = cli("add-labeler", "erin", "--db", str(db), "--base-url", server.url)
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE labelers SET invite_expires_at = 0 WHERE name = 'erin'")
+    conn.close()
+    response = page.goto(link)
+    assert response.status == 403
+    assert "This sign-in link has expired: ask your project admin for a new one." in page.inner_text(".error")

@@ -26,11 +26,11 @@ def test_add_labeler_prints_a_one_time_link(tmp_path, capsys):
     first = capsys.readouterr().out.strip()
     assert re.fullmatch(r"https://label\.example/login\?token=[\w-]{32}", first)
     token = first.split("=", 1)[1]
-    assert Store(db).invited(token).name == "alice"
+    assert Store(db).invited(token)[0].name == "alice"
     # Asking again (a lost link) gives a new invite; the old one stops working.
     assert main(["add-labeler", "alice", "--db", str(db)]) == 0
     second = capsys.readouterr().out.strip().split("=", 1)[1]
-    assert Store(db).invited(token) is None and Store(db).invited(second).name == "alice"
+    assert Store(db).invited(token)[0] is None and Store(db).invited(second)[0].name == "alice"
     assert main(["add-labeler", " ", "--db", str(db)]) == 2
 
 
@@ -68,3 +68,15 @@ def test_serve_reads_only_a_local_candidates_file(tmp_path, capsys):
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("error: ") and ("ends in one of .jsonl" in line or "file not found" in line)
     assert not db.exists()
+
+
+def test_revoke_command(tmp_path, capsys):
+    db = make_project(tmp_path, "pair", [("p", ["x", "y"])])
+    store = Store(db)
+    for _ in range(2):
+        session, _ = store.redeem_invite(store.add_labeler("alice")[0])
+    assert main(["revoke", "alice", "--db", str(db)]) == 0
+    assert "2 sessions ended" in capsys.readouterr().err
+    assert store.session(session) is None
+    assert main(["revoke", "bob", "--db", str(db)]) == 2
+    assert capsys.readouterr().err.strip() == "error: there is no labeler 'bob'"
