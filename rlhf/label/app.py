@@ -17,6 +17,7 @@ Origin of this server.
 from __future__ import annotations
 
 import hmac
+import os
 import random
 import re
 import secrets
@@ -120,6 +121,33 @@ class SecurityHeaders:
         await self.app(scope, limited_receive, send_with_headers)
 
 
+class TrustedProxy:
+    """ASGI middleware: a request from a reverse proxy on one of `hosts` takes the scheme, host
+    and client address the proxy saw from its X-Forwarded-Proto, -Host and -For headers, so that
+    the Origin check and the Secure cookie see what the browser sees when the proxy terminates
+    TLS, rewrites Host or runs on another machine. From any other peer these headers are ignored:
+    a client cannot claim another origin."""
+
+    def __init__(self, app, hosts: frozenset[str]):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        client = scope.get("client")
+        if scope["type"] == "http" and client and client[0] in self.hosts:
+            headers = {name: value.decode("latin-1") for name, value in scope["headers"]}
+            scope = dict(scope)
+            proto = headers.get(b"x-forwarded-proto", "").split(",")[0].strip()
+            if proto in ("http", "https"):
+                scope["scheme"] = proto
+            host = headers.get(b"x-forwarded-host", "").split(",")[0].strip()
+            if host:
+                scope["headers"] = [(n, v) for n, v in scope["headers"] if n != b"host"] + [(b"host", host.encode())]
+            forwarded_for = headers.get(b"x-forwarded-for", "").split(",")[-1].strip()
+            if forwarded_for:  # the address the proxy itself appended: earlier ones are the client's word
+                scope["client"] = (forwarded_for, 0)
+        await self.app(scope, receive, send)
+
+
 # ---------------------------------------------------------------- presentation helpers
 
 
@@ -221,7 +249,9 @@ def parse_value(project: Project, item: Item, labeler_id: int, form: FormData) -
 # ---------------------------------------------------------------- the app
 
 
-def create_app(db_path: str | Path) -> SecurityHeaders:
+def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset()) -> SecurityHeaders:
+    """The app on one project file; `trusted_proxies`: addresses of reverse proxies whose
+    X-Forwarded-* headers are believed (see `TrustedProxy`)."""
     store = Store(db_path)
     project = store.project()
     if project is None:
@@ -457,4 +487,12 @@ def create_app(db_path: str | Path) -> SecurityHeaders:
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, StoreError: store_error})
     app.state.store = store
-    return SecurityHeaders(app)
+    return SecurityHeaders(TrustedProxy(app, frozenset(trusted_proxies)))
+
+
+def app_from_environment() -> SecurityHeaders:
+    """The app factory `rlhf label serve` hands to uvicorn (an import string, as its worker
+    processes need): the project file and proxies come in RLHF_LABEL_DB and
+    RLHF_LABEL_TRUSTED_PROXIES (comma-separated)."""
+    proxies = os.environ.get("RLHF_LABEL_TRUSTED_PROXIES", "")
+    return create_app(os.environ["RLHF_LABEL_DB"], frozenset(p.strip() for p in proxies.split(",") if p.strip()))

@@ -12,6 +12,7 @@ The main CLI mounts these with `add_label_parser(subparsers)` and, for `rlhf lab
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def read_candidates(path: Path) -> list:
 def serve(args: argparse.Namespace) -> int:
     # Everything is checked before the project file is opened, so that a failed first run
     # leaves no empty database behind.
+    root = args.root_path.rstrip("/")
+    if root and not root.startswith("/"):
+        raise StoreError("invalid", f"--root-path must start with /, got {args.root_path!r}")
+    if args.workers < 1:
+        raise StoreError("invalid", f"--workers must be at least 1, got {args.workers}")
     records = read_candidates(args.candidates) if args.candidates else []
     stored = Store(args.db).project() if args.db.exists() else None
     if stored is None and not args.candidates:
@@ -56,15 +62,21 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from rlhf.label.app import create_app
-
-    url = f"http://{args.host}:{args.port}"
+    local = f"http://{args.host}:{args.port}{root}"
+    public = local if args.host in ("127.0.0.1", "localhost") else f"https://YOUR-HOST{root}"
     print(
-        f"Serving {count} {project.task} items (each to {project.overlap} labelers) at {url}\n"
-        f"Invite labelers with: python -m rlhf.label add-labeler NAME --db {args.db} --base-url {url}",
+        f"Serving {count} {project.task} items (each to {project.overlap} labelers) at {local}"
+        f" with {args.workers} worker{'s' if args.workers != 1 else ''}\n"
+        f"Invite labelers with: python -m rlhf.label add-labeler NAME --db {args.db} --base-url {public}",
         file=sys.stderr,
     )
-    uvicorn.run(create_app(args.db), host=args.host, port=args.port, log_level="warning", access_log=False)
+    # An import string and the settings in the environment: what uvicorn's worker processes need.
+    os.environ["RLHF_LABEL_DB"] = str(args.db)
+    os.environ["RLHF_LABEL_TRUSTED_PROXIES"] = ",".join(args.trusted_proxy)
+    uvicorn.run(
+        "rlhf.label.app:app_from_environment", factory=True, host=args.host, port=args.port, workers=args.workers,
+        root_path=root, proxy_headers=False, log_level="warning", access_log=False,
+    )
     return 0
 
 
@@ -105,6 +117,10 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=SCALES, help="new rate project: thumbs (the default) or 1-7")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes (they share the SQLite file)")
+    p.add_argument("--root-path", default="", help="the path the app is served under behind a proxy, e.g. /label")
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
+                   help="a reverse proxy whose X-Forwarded-Proto/-Host/-For headers are believed (repeatable)")
     p.set_defaults(func=serve)
 
     p = commands.add_parser("add-labeler", help="add a labeler, or give one a new sign-in link, and print it")

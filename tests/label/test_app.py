@@ -497,3 +497,18 @@ def test_admin_agreement_matches_a_hand_computed_example(tmp_path, client_for):
     # The item page lists every answer with its labeler.
     page = admin.client.get(f"/admin/items/{items[2]}").text
     assert "#1 better" not in page and "#2 better" in page and "tie" in page
+
+
+def test_forwarded_headers_count_only_from_a_trusted_proxy(pair_db):
+    from starlette.testclient import TestClient
+
+    from rlhf.label.app import create_app
+
+    forwarded = {"x-forwarded-proto": "https", "x-forwarded-host": "label.example", "origin": "https://label.example"}
+    # The in-process client's address is "testclient".
+    with TestClient(create_app(pair_db, frozenset({"testclient"}))) as client:
+        r = client.post("/login", data={"token": invite(pair_db, "alice")}, headers=forwarded, follow_redirects=False)
+        assert r.status_code == 303 and "secure" in r.headers["set-cookie"].lower()
+    with TestClient(create_app(pair_db)) as client:  # anyone could send these headers
+        r = client.post("/login", data={"token": invite(pair_db, "bob")}, headers=forwarded, follow_redirects=False)
+        assert r.status_code == 403 and "another site" in r.text

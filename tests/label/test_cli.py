@@ -80,3 +80,13 @@ def test_revoke_command(tmp_path, capsys):
     assert store.session(session) is None
     assert main(["revoke", "bob", "--db", str(db)]) == 2
     assert capsys.readouterr().err.strip() == "error: there is no labeler 'bob'"
+
+
+def test_serve_checks_its_deployment_flags(tmp_path, capsys):
+    candidates = write_candidates(tmp_path / "c.jsonl", [("p", ["x", "y"])])
+    db = tmp_path / "f.sqlite"
+    for flags, message in [(["--root-path", "label"], "--root-path must start with /"),
+                           (["--workers", "0"], "--workers must be at least 1")]:
+        assert main(["serve", "--db", str(db), "--candidates", str(candidates), *flags]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}" + (", got 'label'" if "root" in message else ", got 0")
+    assert not db.exists()
