@@ -8,8 +8,10 @@ labeler), /answers (their own answers), /admin and /admin/items/N (admins only).
 /items/N/answer and /answers/N/undo and are answered with a redirect, so the app works without
 JavaScript; /static/label.js adds the keyboard shortcuts.
 
-Untrusted text (prompts, completions, reasons, names) goes through Jinja's autoescaping only;
-no template marks data safe, and the Content-Security-Policy allows scripts from /static alone.
+Untrusted text (prompts, completions, reasons, names) goes through Jinja's autoescaping, or for
+prompts and completions through `markdown.render`, which escapes every character and adds only
+fixed tags without attributes; no template marks data safe, and the Content-Security-Policy
+allows scripts from /static alone.
 Every state-changing request needs the session's CSRF token and, when the browser sends one, an
 Origin of this server.
 """
@@ -36,7 +38,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from rlhf.data import Content, as_text
-from rlhf.label import agreement
+from rlhf.label import agreement, markdown
 from rlhf.label.db import Answer, Item, Labeler, Project, Session, Store, StoreError
 
 HERE = Path(__file__).parent
@@ -260,6 +262,7 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
         loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
     )
     env.globals.update(when=when, fraction=fraction, percent=percent, excerpt=excerpt, project=project)
+    env.filters["markdown"] = markdown.render
 
     def render(request: Request, name: str, code: int = 200, **context) -> HTMLResponse:
         context.setdefault("session", None)

@@ -512,3 +512,11 @@ def test_forwarded_headers_count_only_from_a_trusted_proxy(pair_db):
     with TestClient(create_app(pair_db)) as client:  # anyone could send these headers
         r = client.post("/login", data={"token": invite(pair_db, "bob")}, headers=forwarded, follow_redirects=False)
         assert r.status_code == 403 and "another site" in r.text
+
+
+def test_completions_render_markdown_and_code(tmp_path, client_for):
+    code = "Use a loop:\n\n```python\nfor i in range(3):\n    print('<b>', i)\n```"
+    db = make_project(tmp_path, "pair", [("Print <b> three times", [code, "print('<b>' * 3)"])])
+    page = Labeler(client_for(db), invite(db, "alice")).page
+    assert "<pre><code>for i in range(3):\n    print(&#39;&lt;b&gt;&#39;, i)</code></pre>" in page
+    assert "<p>Use a loop:</p>" in page and "<b>" not in page
