@@ -300,3 +300,20 @@ def test_sign_out_then_in_again_revoke_cross_site_link_and_expired_link(browser,
     response = page.goto(link)
     assert response.status == 403
     assert "This sign-in link has expired: ask your project admin for a new one." in page.inner_text(".error")
+
+
+def test_rank_twelve_with_the_keyboard(browser, serve, tmp_path):
+    db = make_project(tmp_path, "rank", [("Count to twelve.", [f"response {n}" for n in range(12)])])
+    server = serve(db)
+    page = sign_in(browser, server, db, "alice")
+    assert "<kbd>1</kbd>–<kbd>12</kbd>" in page.content()
+    order = ["12", "1", "10", "2", "11", "3", "4", "5", "6", "7", "8"]  # the twelfth pick, 9, follows
+    for number in order:
+        page.keyboard.type(number)
+        if number == "1":
+            page.wait_for_timeout(900)  # a lone 1 is taken once no second digit comes
+    assert page.inner_text("output.ranking") == " > ".join(order + ["9"])
+    shown = [int(page.get_attribute(f'[data-position="{p}"]', "data-candidate")) for p in range(12)]
+    press(page, "Enter")
+    (ranking,) = Store(db).live_answers()
+    assert ranking.value == [shown[int(n) - 1] for n in order + ["9"]]
