@@ -263,6 +263,7 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
     )
     env.globals.update(when=when, fraction=fraction, percent=percent, excerpt=excerpt, project=project)
     env.filters["markdown"] = markdown.render
+    env.globals["guidelines"] = store.guidelines()
 
     def render(request: Request, name: str, code: int = 200, **context) -> HTMLResponse:
         context.setdefault("session", None)

@@ -20,12 +20,24 @@ from rlhf.data import LOCAL_SUFFIXES, DataError, load_candidates
 from rlhf.label.db import SCALES, TASKS, Project, Store, StoreError, build_items
 from rlhf.label.export import export
 
+MAX_GUIDELINES = 100_000
+
 
 def read_candidates(path: Path) -> list:
     """The records of a local candidates file (`rlhf generate` writes JSONL); never a hub name."""
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataError(str(path), f"a candidates file ends in one of {', '.join(LOCAL_SUFFIXES)}")
     return list(load_candidates(path))
+
+
+def read_guidelines(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StoreError("invalid", f"cannot read the guidelines {path}: {exc}") from None
+    if len(text) > MAX_GUIDELINES:
+        raise StoreError("invalid", f"the guidelines {path} are over {MAX_GUIDELINES} characters")
+    return text
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -50,8 +62,11 @@ def serve(args: argparse.Namespace) -> int:
     items, dropped = build_items(records, project.task)
     if stored is None and not items:
         raise StoreError("invalid", f"{args.candidates} gives no {project.task} items")
+    guidelines = read_guidelines(args.guidelines) if args.guidelines else None
     store = Store(args.db)
     store.set_project(project)
+    if guidelines is not None:
+        store.set_guidelines(guidelines)
     if args.candidates:
         added = store.add_items(items)
         print(f"{args.candidates}: {added} new items ({len(items) - added} already in {args.db})", file=sys.stderr)
@@ -117,6 +132,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=SCALES, help="new rate project: thumbs (the default) or 1-7")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--guidelines", type=Path,
+                   help="a Markdown file of instructions for labelers, shown on every item (replaces earlier ones)")
     p.add_argument("--workers", type=int, default=1, help="server processes (they share the SQLite file)")
     p.add_argument("--root-path", default="", help="the path the app is served under behind a proxy, e.g. /label")
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",

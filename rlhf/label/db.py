@@ -313,6 +313,16 @@ class Store:
             )
         return stored
 
+    def guidelines(self) -> str:
+        """The project's guidelines for labelers (Markdown), "" when there are none."""
+        with self.read() as conn:
+            row = conn.execute("SELECT value FROM project WHERE key = 'guidelines'").fetchone()
+        return row["value"] if row else ""
+
+    def set_guidelines(self, text: str) -> None:
+        with self.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO project (key, value) VALUES ('guidelines', ?)", (text,))
+
     def add_items(self, items: list[tuple[Content, list[str], str]]) -> int:
         """Insert items not already present; returns how many were new."""
         with self.write() as conn:

@@ -302,11 +302,19 @@ def test_sign_out_then_in_again_revoke_cross_site_link_and_expired_link(browser,
     assert "This sign-in link has expired: ask your project admin for a new one." in page.inner_text(".error")
 
 
-def test_rank_twelve_with_the_keyboard(browser, serve, tmp_path):
+def test_rank_twelve_with_the_keyboard_and_read_the_guidelines(browser, serve, tmp_path):
     db = make_project(tmp_path, "rank", [("Count to twelve.", [f"response {n}" for n in range(12)])])
-    server = serve(db)
+    guidelines = tmp_path / "guidelines.md"
+    guidelines.write_text("Rank by **correctness** first.\n\n- Then brevity.")
+    server = serve(db, "--guidelines", str(guidelines))
     page = sign_in(browser, server, db, "alice")
     assert "<kbd>1</kbd>–<kbd>12</kbd>" in page.content()
+    # The guidelines are one key away, and the same key closes them.
+    assert not page.is_visible("#guidelines li")
+    page.keyboard.press("g")
+    assert page.inner_text("#guidelines strong") == "correctness" and page.is_visible("#guidelines li")
+    page.keyboard.press("g")
+    assert not page.is_visible("#guidelines li")
     order = ["12", "1", "10", "2", "11", "3", "4", "5", "6", "7", "8"]  # the twelfth pick, 9, follows
     for number in order:
         page.keyboard.type(number)

@@ -90,3 +90,15 @@ def test_serve_checks_its_deployment_flags(tmp_path, capsys):
         assert main(["serve", "--db", str(db), "--candidates", str(candidates), *flags]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}" + (", got 'label'" if "root" in message else ", got 0")
     assert not db.exists()
+
+
+def test_serve_refuses_unreadable_guidelines(tmp_path, capsys):
+    candidates = write_candidates(tmp_path / "c.jsonl", [("p", ["x", "y"])])
+    binary = tmp_path / "guidelines.md"
+    binary.write_bytes(b"\xff\xfe not utf-8")
+    for path in [binary, tmp_path / "missing.md"]:
+        assert main(["serve", "--db", str(tmp_path / "f.sqlite"), "--candidates", str(candidates),
+                     "--guidelines", str(path)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: cannot read the guidelines {path}")
+    assert not (tmp_path / "f.sqlite").exists()
