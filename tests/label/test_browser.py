@@ -30,8 +30,9 @@ PAIR_RECORDS = [
             "A reward model is a network trained on human comparisons to score a response to a prompt. "
             "During PPO its score stands in for the human, so the policy can be optimised against it.",
             "It is the model that gives rewards.",
-            "A reward model predicts which of two responses a person would prefer; its scalar output is "
-            "then used as the reward signal when fine-tuning the language model with reinforcement learning.",
+            "A reward model predicts which of two responses a person would **prefer**; its scalar output is "
+            "the reward when the language model is tuned with RL:\n\n"
+            "```python\nscore = reward_model(prompt, response)  # one float\nloss = -logsigmoid(chosen - rejected)\n```",
         ],
     ),
     (
@@ -53,13 +54,15 @@ PAIR_RECORDS = [
 RANK_RECORDS = [
     (
         "Suggest a name for a small bakery that specialises in sourdough.",
-        ["Rise & Crumb", "Bakery Number One", "The Slow Loaf", "Bread Shop"],
+        ["Rise & Crumb", "Bakery Number One", "**The Slow Loaf**, with a sign in code:\n\n```\nwhile oven.warm(): bake()\n```",
+         "Bread Shop"],
     ),
 ]
 RATE_RECORDS = [
     (
         "Summarise: 'The meeting moved from Tuesday to Thursday at 3 pm because the room was booked.'",
-        ["The meeting is now on Thursday at 3 pm, since the room was taken on Tuesday."],
+        ["The meeting is now on *Thursday at 3 pm*, since the room was taken on Tuesday:\n\n"
+         "- before: `Tue 15:00`\n- after: `Thu 15:00`\n\n```\nmeeting.move(\"Tue\", \"Thu\")\n```"],
     ),
 ]
 
@@ -87,6 +90,15 @@ def sign_in(browser, server, db: Path, name: str, admin: bool = False, lands: st
     page.keyboard.press("Enter")  # the sign-in button has the focus
     page.wait_for_url(f"{server.url}{lands}")
     return page
+
+
+def shoot(page, shots: Path, name: str) -> None:
+    """A full-page screenshot at a laptop's 1280x800 (name.png) and a phone's 390x844 (name-phone.png)."""
+    for suffix, size in [("", {"width": 1280, "height": 800}), ("-phone", {"width": 390, "height": 844})]:
+        page.set_viewport_size(size)
+        page.screenshot(path=str(shots / f"{name}{suffix}.png"), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= size["width"], f"{name}{suffix} overflows"
+    page.set_viewport_size({"width": 1280, "height": 860})
 
 
 def press(page, key: str, expect: str = "done=saved") -> None:
@@ -134,7 +146,7 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
     assert item_on(page) == second
     assert "Answer undone" in page.inner_text(".notice")
     press(page, "t")  # this time: a tie
-    page.screenshot(path=str(shots / "pair.png"), full_page=True)
+    shoot(page, shots, "pair")
 
     answers = {a.item_id: a for a in Store(pair_db).live_answers()}
     assert answers[first].value == shown_a and answers[first].reason == "Response A is precise <b>and</b> short."
@@ -151,7 +163,7 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
     page.goto(f"{server.url}/admin")
     assert page.inner_text('[data-labeler="bob"] [data-stat="answered"]') == "4"
     assert page.inner_text('section.card [data-stat="alpha"]') != ""
-    page.screenshot(path=str(shots / "admin.png"), full_page=True)
+    shoot(page, shots, "admin")
 
     # ---- a ranking ---------------------------------------------------------------------------
     rank_db = make_project(tmp_path, "rank", RANK_RECORDS, name="ranks")
@@ -166,7 +178,7 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
     assert page.inner_text("output.ranking") == "3 > 1"
     page.keyboard.press("4")
     assert page.inner_text("output.ranking") == "3 > 1 > 4 > 2"
-    page.screenshot(path=str(shots / "rank.png"), full_page=True)
+    shoot(page, shots, "rank")
     press(page, "Enter")
     (ranking,) = Store(rank_db).live_answers()
     assert ranking.value == [shown[2], shown[0], shown[3], shown[1]]
@@ -175,7 +187,7 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
     rate_db = make_project(tmp_path, "rate", RATE_RECORDS, scale="1-7", name="ratings")
     server = serve(rate_db)
     page = sign_in(browser, server, rate_db, "alice")
-    page.screenshot(path=str(shots / "rate.png"), full_page=True)
+    shoot(page, shots, "rate")
     press(page, "6")
     assert "Nothing left for you" in page.inner_text("main")
     (rating,) = Store(rate_db).live_answers()
