@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import random
 import re
 import secrets
 import time
@@ -38,7 +37,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from rlhf.data import Content, as_text
-from rlhf.label import agreement, markdown
+from rlhf.label import agreement, markdown, quality
+from rlhf.label.quality import display_order
 from rlhf.label.db import Answer, Item, Labeler, Project, Session, Store, StoreError
 
 HERE = Path(__file__).parent
@@ -153,18 +153,6 @@ class TrustedProxy:
 # ---------------------------------------------------------------- presentation helpers
 
 
-def display_order(item_id: int, labeler_id: int, size: int) -> list[int]:
-    """The order in which a labeler sees an item's completions (shown position -> completion).
-
-    Shuffled per labeler so that position bias (the left one looks better) averages out across
-    labelers; seeded by the ids so that a reload shows the same order and the server can map the
-    posted position back without trusting the form.
-    """
-    order = list(range(size))
-    random.Random(f"{item_id}:{labeler_id}").shuffle(order)
-    return order
-
-
 def describe(project: Project, value: object, names: dict[int, str]) -> str:
     """An answer in words; `names` gives each completion index its name on the page (A, B, #1...)."""
     if value is None:
@@ -201,6 +189,12 @@ def fraction(value: float | None, digits: int = 3) -> str:
 
 def percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.0f} s" if value < 120 else f"{value / 60:.0f} min"
 
 
 def excerpt(text: Content, size: int = 120) -> str:
@@ -261,9 +255,11 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
     )
-    env.globals.update(when=when, fraction=fraction, percent=percent, excerpt=excerpt, project=project)
+    env.globals.update(when=when, fraction=fraction, percent=percent, excerpt=excerpt, project=project,
+                       seconds=seconds, flag_accuracy=quality.FLAG_ACCURACY, min_gold=quality.MIN_GOLD)
     env.filters["markdown"] = markdown.render
-    env.globals["guidelines"] = store.guidelines()
+    env.globals["guidelines"] = store.setting("guidelines", "")
+    gold_rate = float(store.setting("gold_rate", "0"))
 
     def render(request: Request, name: str, code: int = 200, **context) -> HTMLResponse:
         context.setdefault("session", None)
@@ -354,7 +350,7 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
         return redirect(request, "/label")
 
     def page_state(labeler_id: int) -> tuple[Item | None, dict, Answer | None]:
-        item = store.next_item(labeler_id, project.overlap)
+        item = store.next_item(labeler_id, project.overlap, gold_rate)
         return item, store.progress(labeler_id, project.overlap), store.last_answer(labeler_id)
 
     async def label_page(request: Request) -> Response:
@@ -406,22 +402,28 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
 
     def admin_state() -> dict:
         overview = store.overview(project.overlap)
-        live = [a for a in store.live_answers() if a.value is not None]
+        answers, all_items = store.live_answers(), store.items()
+        names = [row["name"] for row in overview["labelers"]]
+        stats = quality.labeler_stats(project, all_items, answers, store.answer_seconds(), names)
+        for row in overview["labelers"]:
+            row.update(stats[row["name"]])
+        # Agreement is measured on the project's own items; gold items have their known answer.
+        live = [a for a in answers if a.value is not None and all_items[a.item_id].gold is None]
         by_item: dict[int, dict[str, object]] = {}
         for a in live:
             by_item.setdefault(a.item_id, {})[a.labeler] = tuple(a.value) if isinstance(a.value, list) else a.value
         summary = agreement.summarize(project.task, project.scale, by_item)
         shown = summary["disagreements"][:50]
-        items = store.items([d["item"] for d in shown])
         for d in shown:
-            item = items[d["item"]]
+            item = all_items[d["item"]]
             names = admin_names(item)
             d["prompt"] = item.prompt
             d["answers"] = {
                 name: describe(project, list(v) if isinstance(v, tuple) else v, names)
                 for name, v in sorted(d["answers"].items())
             }
-        return {"overview": overview, "summary": summary, "disagreements": shown}
+        return {"overview": overview, "summary": summary, "disagreements": shown,
+                "has_gold": any(item.gold is not None for item in all_items.values())}
 
     async def admin_page(request: Request, session: Session | None = None, link: tuple[str, str] | None = None,
                          notice: str | None = None) -> Response:

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf.data import LOCAL_SUFFIXES, DataError, load_candidates
+from rlhf.data import LOCAL_SUFFIXES, Comparison, DataError, Rating, load_candidates, load_feedback
 from rlhf.label.db import SCALES, TASKS, Project, Store, StoreError, build_items
 from rlhf.label.export import export
 
@@ -38,6 +38,29 @@ def read_guidelines(path: Path) -> str:
     if len(text) > MAX_GUIDELINES:
         raise StoreError("invalid", f"the guidelines {path} are over {MAX_GUIDELINES} characters")
     return text
+
+
+def read_gold(path: Path, project: Project) -> list[tuple[tuple, object]]:
+    """Quality-control items from a feedback file (as `export` writes, the right answers known):
+    ((prompt, completions, source), right answer) each; pairs and rankings best first."""
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise DataError(str(path), f"a gold file ends in one of {', '.join(LOCAL_SUFFIXES)}")
+    gold = []
+    for record in load_feedback(path):
+        if isinstance(record, Rating) and project.task == "rate":
+            if record.label not in ((0, 1) if project.scale == "thumbs" else range(1, 8)):
+                raise DataError(record.source, f"label must be on the project's {project.scale} scale, got {record.label}")
+            gold.append(((record.prompt, [record.completion], record.source), int(record.label)))
+        elif isinstance(record, Comparison) and project.task in ("pair", "rank") and (
+            (len(record.completions) == 2) == (project.task == "pair")
+        ):
+            best = 0 if project.task == "pair" else list(range(len(record.completions)))
+            gold.append(((record.prompt, list(record.completions), record.source), best))
+        else:
+            raise DataError(record.source, f"not a {project.task} record, as a {project.task} project's gold needs")
+        if not all(isinstance(c, str) for c in gold[-1][0][1]):
+            raise DataError(record.source, "gold completions must be plain text")
+    return gold
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -63,10 +86,18 @@ def serve(args: argparse.Namespace) -> int:
     if stored is None and not items:
         raise StoreError("invalid", f"{args.candidates} gives no {project.task} items")
     guidelines = read_guidelines(args.guidelines) if args.guidelines else None
+    gold = read_gold(args.gold, project) if args.gold else []
+    if args.gold_rate is not None and not 0 <= args.gold_rate < 1:
+        raise StoreError("invalid", f"--gold-rate must be at least 0 and below 1, got {args.gold_rate}")
     store = Store(args.db)
     store.set_project(project)
     if guidelines is not None:
-        store.set_guidelines(guidelines)
+        store.set_setting("guidelines", guidelines)
+    if gold:
+        added = store.add_items([item for item, _ in gold], [answer for _, answer in gold])
+        print(f"{args.gold}: {added} new quality-control items", file=sys.stderr)
+    if args.gold_rate is not None:
+        store.set_setting("gold_rate", str(args.gold_rate))
     if args.candidates:
         added = store.add_items(items)
         print(f"{args.candidates}: {added} new items ({len(items) - added} already in {args.db})", file=sys.stderr)
@@ -114,7 +145,9 @@ def revoke(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    counts = export(Store(args.db), args.out)
+    if args.min_gold_accuracy is not None and not 0 <= args.min_gold_accuracy <= 1:
+        raise StoreError("invalid", f"--min-gold-accuracy must be from 0 to 1, got {args.min_gold_accuracy}")
+    counts = export(Store(args.db), args.out, args.min_gold_accuracy)
     kept = ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind in ("pairs", "rankings", "ratings") and n)
     left = ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind not in ("pairs", "rankings", "ratings") and n)
     print(f"wrote {kept or 'no records'} to {args.out}" + (f"; left out {left}" if left else ""), file=sys.stderr)
@@ -134,6 +167,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--guidelines", type=Path,
                    help="a Markdown file of instructions for labelers, shown on every item (replaces earlier ones)")
+    p.add_argument("--gold", type=Path, help="quality-control items with known answers, as feedback records")
+    p.add_argument("--gold-rate", type=float, help="the share of each labeler's items that are quality-control ones")
     p.add_argument("--workers", type=int, default=1, help="server processes (they share the SQLite file)")
     p.add_argument("--root-path", default="", help="the path the app is served under behind a proxy, e.g. /label")
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
@@ -155,6 +190,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="write the answers as feedback records that `rlhf reward` reads")
     p.add_argument("--db", type=Path, default=Path("feedback.sqlite"))
     p.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    p.add_argument("--min-gold-accuracy", type=float,
+                   help="leave out the answers of labelers below this accuracy on gold items (0 to 1)")
     p.set_defaults(func=export_command)
     return parser
 

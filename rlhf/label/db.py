@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS items (
     completions TEXT NOT NULL,           -- JSON list: 2 for a pair, K for a ranking, 1 for a rating
     fingerprint TEXT NOT NULL UNIQUE,    -- sha256 of prompt and completions: importing twice adds nothing
     source      TEXT NOT NULL,           -- file:line of the candidates record
-    messages    TEXT                     -- JSON list of {role, content} when the prompt is a conversation
+    messages    TEXT,                    -- JSON list of {role, content} when the prompt is a conversation
+    gold        TEXT                     -- JSON of the known right answer of a quality-control item, else NULL
 );
 CREATE TABLE IF NOT EXISTS labelers (
     id          INTEGER PRIMARY KEY,
@@ -131,11 +132,14 @@ class Item:
     """As the candidates file gave it: a string or a list of messages."""
     completions: list[str]
     source: str
+    gold: object = None
+    """The known right answer of a quality-control item (as `Answer.value`); None for the others."""
 
 
 def _item(row: sqlite3.Row, id_column: str = "id") -> Item:
     prompt = json.loads(row["messages"]) if row["messages"] is not None else row["prompt"]
-    return Item(row[id_column], prompt, json.loads(row["completions"]), row["source"])
+    gold = json.loads(row["gold"]) if row["gold"] is not None else None
+    return Item(row[id_column], prompt, json.loads(row["completions"]), row["source"], gold)
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class Answer:
     reason: str
     created_at: float
     undone: bool
+    labeler_id: int
 
 
 def _hash(token: str) -> str:
@@ -171,7 +176,7 @@ def _hash(token: str) -> str:
 def _answer(row: sqlite3.Row) -> Answer:
     return Answer(
         row["id"], row["item_id"], row["name"], json.loads(row["value"]), row["reason"], row["created_at"],
-        row["undone_at"] is not None,
+        row["undone_at"] is not None, row["labeler_id"],
     )
 
 
@@ -233,6 +238,7 @@ class Store:
         # Columns that project files from earlier versions lack: conversational prompts, then
         # expiring sign-in links and revocation (an unused old invite gets the usual time left).
         _add_column(conn, "items", "messages TEXT")
+        _add_column(conn, "items", "gold TEXT")
         if _add_column(conn, "labelers", "invite_expires_at REAL"):
             conn.execute(
                 "UPDATE labelers SET invite_expires_at = ? WHERE invite_hash IS NOT NULL", (time.time() + INVITE_SECONDS,)
@@ -289,7 +295,7 @@ class Store:
     def project(self) -> Project | None:
         with self.read() as conn:
             rows = dict(conn.execute("SELECT key, value FROM project").fetchall())
-        if not rows:
+        if "task" not in rows:
             return None
         return Project(rows["task"], int(rows["overlap"]), rows["scale"])
 
@@ -313,31 +319,35 @@ class Store:
             )
         return stored
 
-    def guidelines(self) -> str:
-        """The project's guidelines for labelers (Markdown), "" when there are none."""
-        with self.read() as conn:
-            row = conn.execute("SELECT value FROM project WHERE key = 'guidelines'").fetchone()
-        return row["value"] if row else ""
-
-    def set_guidelines(self, text: str) -> None:
-        with self.write() as conn:
-            conn.execute("INSERT OR REPLACE INTO project (key, value) VALUES ('guidelines', ?)", (text,))
-
-    def add_items(self, items: list[tuple[Content, list[str], str]]) -> int:
-        """Insert items not already present; returns how many were new."""
+    def add_items(self, items: list[tuple[Content, list[str], str]], gold: list[object] | None = None) -> int:
+        """Insert items not already present; returns how many were new. `gold`: the right
+        answer of each item, for quality-control items."""
+        answers = [None] * len(items) if gold is None else gold
         with self.write() as conn:
             before = conn.total_changes
             conn.executemany(
-                "INSERT OR IGNORE INTO items (prompt, messages, completions, fingerprint, source) VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO items (prompt, messages, completions, fingerprint, source, gold)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (
                         as_text(prompt), json.dumps(prompt, ensure_ascii=False) if isinstance(prompt, list) else None,
-                        json.dumps(texts, ensure_ascii=False), _hash(json.dumps([prompt, texts])), source,
+                        json.dumps(texts, ensure_ascii=False),
+                        _hash(json.dumps([prompt, texts] if answer is None else [prompt, texts, "gold"])), source,
+                        None if answer is None else json.dumps(answer),
                     )
-                    for prompt, texts, source in items
+                    for (prompt, texts, source), answer in zip(items, answers, strict=True)
                 ],
             )
             return conn.total_changes - before
+
+    def setting(self, key: str, default: str) -> str:
+        with self.read() as conn:
+            row = conn.execute("SELECT value FROM project WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else default
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO project (key, value) VALUES (?, ?)", (key, value))
 
     def item(self, item_id: int) -> Item | None:
         with self.read() as conn:
@@ -440,15 +450,18 @@ class Store:
             WHERE state = 'answered' OR (state = 'pending' AND assigned_at > :cutoff)
             GROUP BY item_id
         ) t ON t.item_id = i.id
-        WHERE COALESCE(t.taken, 0) < :overlap
+        WHERE COALESCE(t.taken, 0) < :overlap AND i.gold IS NULL
           AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.labeler_id = :me)
     """
     # Skips do not count towards the overlap: a skipped item goes to someone else instead.
 
-    def next_item(self, labeler_id: int, overlap: int) -> Item | None:
+    def next_item(self, labeler_id: int, overlap: int, gold_rate: float = 0.0) -> Item | None:
         """The item this labeler should answer now: one already handed to them and not answered
         (the most recent first, so an undone answer comes straight back), else a new one, the
-        items closest to their full overlap first so that agreement can be measured early."""
+        items closest to their full overlap first so that agreement can be measured early.
+        While there is work left, a quality-control item they have not seen comes instead
+        whenever fewer than `gold_rate` of the items handed to them were quality-control ones;
+        those go to every labeler and do not count towards the overlap."""
         now = time.time()
         with self.write(durable=False) as conn:
             row = conn.execute(
@@ -463,6 +476,18 @@ class Store:
                 ).fetchone()
                 if row is None:
                     return None
+                gold_seen, seen = conn.execute(
+                    "SELECT COALESCE(SUM(i.gold IS NOT NULL), 0), COUNT(*) FROM assignments a"
+                    " JOIN items i ON i.id = a.item_id WHERE a.labeler_id = ?",
+                    (labeler_id,),
+                ).fetchone()
+                if gold_seen < gold_rate * (seen + 1):
+                    row = conn.execute(
+                        "SELECT i.id AS item_id FROM items i WHERE i.gold IS NOT NULL AND NOT EXISTS"
+                        " (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.labeler_id = ?)"
+                        " ORDER BY i.id LIMIT 1",
+                        (labeler_id,),
+                    ).fetchone() or row
                 conn.execute(
                     "INSERT INTO assignments (item_id, labeler_id, state, assigned_at) VALUES (?, ?, 'pending', ?)",
                     (row["item_id"], labeler_id, now),
@@ -484,8 +509,9 @@ class Store:
                 {"cutoff": time.time() - LEASE_SECONDS, "overlap": overlap, "me": labeler_id},
             ).fetchone()[0]
             items, done = conn.execute(
-                "SELECT (SELECT COUNT(*) FROM items), COALESCE(SUM(MIN(n, ?)), 0) FROM"
-                " (SELECT COUNT(*) AS n FROM assignments WHERE state = 'answered' GROUP BY item_id)",
+                "SELECT (SELECT COUNT(*) FROM items WHERE gold IS NULL), COALESCE(SUM(MIN(n, ?)), 0) FROM"
+                " (SELECT COUNT(*) AS n FROM assignments a JOIN items i ON i.id = a.item_id"
+                "  WHERE a.state = 'answered' AND i.gold IS NULL GROUP BY a.item_id)",
                 (overlap,),
             ).fetchone()
         answered = mine.get("answered", 0) + mine.get("skipped", 0)
@@ -575,7 +601,7 @@ class Store:
     def answers_of(self, labeler_id: int, limit: int = 100) -> list[tuple[Answer, Item]]:
         with self.read() as conn:
             rows = conn.execute(
-                "SELECT a.*, l.name, i.prompt, i.messages, i.completions, i.source FROM answers a"
+                "SELECT a.*, l.name, i.prompt, i.messages, i.completions, i.source, i.gold FROM answers a"
                 " JOIN labelers l ON l.id = a.labeler_id JOIN items i ON i.id = a.item_id"
                 " WHERE a.labeler_id = ? ORDER BY a.id DESC LIMIT ?",
                 (labeler_id, limit),
@@ -614,7 +640,7 @@ class Store:
                 n
                 for (n,) in conn.execute(
                     "SELECT (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND a.state = 'answered')"
-                    " FROM items i"
+                    " FROM items i WHERE i.gold IS NULL"
                 ).fetchall()
             ]
             labelers = conn.execute(
@@ -636,6 +662,16 @@ class Store:
             "needed": len(per_item) * overlap,
             "labelers": [dict(r) for r in labelers],
         }
+
+    def answer_seconds(self) -> list[tuple[str, float]]:
+        """(labeler, seconds from the item being handed to them to their live answer) per answer."""
+        with self.read() as conn:
+            rows = conn.execute(
+                "SELECT l.name, a.created_at - s.assigned_at FROM answers a"
+                " JOIN assignments s ON s.item_id = a.item_id AND s.labeler_id = a.labeler_id"
+                " JOIN labelers l ON l.id = a.labeler_id WHERE a.undone_at IS NULL"
+            ).fetchall()
+        return [(name, seconds) for name, seconds in rows]
 
     def integrity_check(self) -> str:
         with self.read() as conn:

@@ -520,3 +520,64 @@ def test_completions_render_markdown_and_code(tmp_path, client_for):
     page = Labeler(client_for(db), invite(db, "alice")).page
     assert "<pre><code>for i in range(3):\n    print(&#39;&lt;b&gt;&#39;, i)</code></pre>" in page
     assert "<p>Use a loop:</p>" in page and "<b>" not in page
+
+
+def test_gold_items_flag_a_careless_labeler(tmp_path, client_for):
+    """40 items, each to 3 labelers, and 20 gold pairs mixed in at 30%: a careful labeler gets the
+    gold right, a careless one answers at random (about half right), a third always presses A."""
+    import json
+    import random
+
+    from rlhf.label.cli import main, read_gold
+
+    db = make_project(tmp_path, "pair", [(f"Question {i}", [f"one {i}", f"two {i}"]) for i in range(40)], overlap=3)
+    gold_file = tmp_path / "gold.jsonl"
+    gold_file.write_text("".join(
+        json.dumps({"prompt": f"Gold {i}", "chosen": f"right {i}", "rejected": f"wrong {i}"}) + "\n" for i in range(20)))
+    store = Store(db)
+    gold = read_gold(gold_file, store.project())
+    assert store.add_items([item for item, _ in gold], [answer for _, answer in gold]) == 20
+    store.set_setting("gold_rate", "0.3")
+    coin = random.Random(0)
+    labelers = {name: Labeler(client_for(db), invite(db, name)) for name in ["careful", "careless", "lefty"]}
+    shown = {name: [] for name in labelers}
+    for name, labeler in labelers.items():
+        while "Nothing left for you" not in labeler.page:
+            item = store.item(labeler.item_id)
+            shown[name].append(item)
+            if name == "lefty":
+                r = labeler.answer({"choice": "a"})
+                assert r.status_code == 303
+                labeler.open()
+            elif name == "careful" and item.gold is not None:
+                labeler.prefer(item.gold)
+            else:
+                labeler.prefer(coin.choice([0, 1]))
+    for name, items in shown.items():
+        share = sum(item.gold is not None for item in items) / len(items)
+        assert sum(item.gold is None for item in items) == 40 and 0.28 <= share <= 0.32, (name, share)
+    gold_seen = sum(item.gold is not None for item in shown["careful"])
+
+    admin = Labeler(client_for(db), invite(db, "dana", admin=True))
+    html = admin.client.get("/admin").text
+    quality = re.search(r'<table class="table" id="quality">(.*?)</table>', html, re.S).group(1)
+    rows = {name: re.search(rf'<tr data-labeler="{name}">(.*?)</tr>', quality, re.S).group(1) for name in labelers}
+    assert stat(rows["careful"], "gold-accuracy") == "100%" and stat(rows["careful"], "gold-answered") == str(gold_seen)
+    careless = int(stat(rows["careless"], "gold-accuracy").rstrip("%"))
+    assert careless < 70 and 'data-stat="flagged"' in rows["careless"]
+    assert 'data-stat="flagged"' not in rows["careful"]
+    assert stat(rows["lefty"], "first-side") == "100%"
+    assert 35 <= int(stat(rows["careful"], "first-side").rstrip("%")) <= 65
+    assert re.fullmatch(r"\d+ s", stat(rows["careful"], "seconds"))
+    assert 'data-labeler="dana"' not in quality  # an admin who answered nothing is not a labeler here
+    gold_ids = {item.id for items in shown.values() for item in items if item.gold is not None}
+    assert not gold_ids & {int(i) for i in re.findall(r'<tr data-item="(\d+)">', html)}
+
+    # The export leaves out gold answers, carries each labeler's accuracy, and can drop the careless.
+    assert main(["export", "--db", str(db), "--out", str(tmp_path / "all.jsonl")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 40 and not any(r["prompt"].startswith("Gold") for r in records)
+    assert {r["labeler"]: r["gold_accuracy"] for r in records}["careful"] == 1.0
+    assert main(["export", "--db", str(db), "--out", str(tmp_path / "kept.jsonl"), "--min-gold-accuracy", "0.7"]) == 0
+    kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert {r["labeler"] for r in kept} == {"careful"} and len(kept) == 40  # pressing A alone fails the gold too

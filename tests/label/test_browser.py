@@ -337,3 +337,24 @@ def test_rank_twelve_with_the_keyboard_and_read_the_guidelines(browser, serve, t
     press(page, "Enter")
     (ranking,) = Store(db).live_answers()
     assert ranking.value == [shown[int(n) - 1] for n in order + ["9"]]
+
+
+def test_admin_page_shows_gold_accuracy_per_labeler(browser, serve, tmp_path):
+    import random
+
+    db = make_project(tmp_path, "pair", [(f"Question {i}", [f"one {i}", f"two {i}"]) for i in range(12)], overlap=2)
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(json.dumps({"prompt": f"Gold {i}", "chosen": f"right {i}", "rejected": f"wrong {i}"}) + "\n"
+                            for i in range(10)))
+    server = serve(db, "--gold", str(gold), "--gold-rate", "0.3")
+    coin = random.Random(1)
+    for name in ["careful", "careless"]:
+        with httpx.Client(base_url=server.url) as client:
+            labeler = Labeler(client, Store(db).add_labeler(name)[0])
+            while "Nothing left for you" not in labeler.page:
+                item = Store(db).item(labeler.item_id)
+                labeler.prefer(item.gold if name == "careful" and item.gold is not None else coin.choice([0, 1]))
+    page = sign_in(browser, server, db, "dana", admin=True, lands="/admin")
+    assert page.inner_text('#quality [data-labeler="careful"] [data-stat="gold-accuracy"]') == "100%"
+    assert page.is_visible('#quality [data-labeler="careless"] [data-stat="flagged"]')
+    shoot(page, shots_dir(tmp_path), "admin-quality")

@@ -102,3 +102,17 @@ def test_serve_refuses_unreadable_guidelines(tmp_path, capsys):
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith(f"error: cannot read the guidelines {path}")
     assert not (tmp_path / "f.sqlite").exists()
+
+
+def test_serve_refuses_gold_that_does_not_fit_the_project(tmp_path, capsys):
+    candidates = write_candidates(tmp_path / "c.jsonl", [("p", ["x", "y"])])
+    ranking = tmp_path / "gold.jsonl"
+    ranking.write_text('{"prompt": "p", "completions": ["a", "b", "c"]}\n')
+    db = tmp_path / "f.sqlite"
+    for flags, message in [(["--gold", str(ranking)], "not a pair record"),
+                           (["--gold-rate", "1.5"], "--gold-rate must be at least 0 and below 1"),
+                           (["--gold", str(tmp_path / "gold")], "a gold file ends in one of")]:
+        assert main(["serve", "--db", str(db), "--candidates", str(candidates), *flags]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and message in line, line
+    assert not db.exists()
