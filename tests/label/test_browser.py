@@ -1,7 +1,7 @@
 """End to end in a real browser: sign in with an invite, answer with the keyboard alone, undo,
 export, train a reward model on the export, and check that untrusted text stays inert.
 
-Screenshots of the three task pages and the admin page go to $RLHF_SCREENSHOTS when it is set
+Screenshots of the three task pages and the admin page, at 1280x800 and 390x844, go to $RLHF_SCREENSHOTS when it is set
 (docs/screenshots/ holds the committed ones), else to the test's temporary directory.
 """
 
