@@ -460,7 +460,13 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
             raise HTTPException(404, f"there is no item {item_id}")
         answers = await run_in_threadpool(store.live_answers, item_id)
         names = admin_names(item)
-        rows = [(a, describe(project, a.value, names)) for a in answers]
+        # A reason speaks of what its labeler saw ("A is concise"): say which completion that was.
+        rows = [
+            (a, describe(project, a.value, names),
+             " · ".join(f"{seen} = {names[c]}" for c, seen in sorted(labeler_names(project, item, a.labeler_id).items(),
+                                                                    key=lambda kv: kv[1])))
+            for a in answers
+        ]
         return render(request, "admin_item.html", session=session, item=item, answers=rows)
 
     # ------------------------------------------------------------ errors

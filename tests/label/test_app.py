@@ -581,3 +581,14 @@ def test_gold_items_flag_a_careless_labeler(tmp_path, client_for):
     assert main(["export", "--db", str(db), "--out", str(tmp_path / "kept.jsonl"), "--min-gold-accuracy", "0.7"]) == 0
     kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
     assert {r["labeler"] for r in kept} == {"careful"} and len(kept) == 40  # pressing A alone fails the gold too
+
+
+def test_the_admin_item_page_says_what_each_labeler_saw_as_a_and_b(pair_db, client_for):
+    alice = Labeler(client_for(pair_db), invite(pair_db, "alice"))
+    item, shown_a = alice.item_id, alice.candidate_at("a")
+    alice.prefer(shown_a, reason="A is concise")
+    admin = Labeler(client_for(pair_db), invite(pair_db, "dana", admin=True))
+    page = admin.client.get(f"/admin/items/{item}").text
+    row = re.search(r'<tr data-labeler="alice">(.*?)</tr>', page, re.S).group(1)
+    assert stat(row, "seen") == f"A = #{shown_a + 1} · B = #{2 - shown_a}"
+    assert f"#{shown_a + 1} better" in row and "A is concise" in row
