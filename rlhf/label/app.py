@@ -39,7 +39,7 @@ from starlette.staticfiles import StaticFiles
 from rlhf.data import Content, as_text
 from rlhf.label import agreement, markdown, quality
 from rlhf.label.quality import display_order
-from rlhf.label.db import Answer, Item, Labeler, Project, Session, Store, StoreError
+from rlhf.label.db import Answer, Item, Labeler, LateAnswer, Project, Session, Store, StoreError
 
 HERE = Path(__file__).parent
 COOKIE = "rlhf_label_session"
@@ -359,7 +359,8 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
         item, progress, last = await run_in_threadpool(page_state, labeler.id)
         context = dict(
             session=session, progress=progress, last=last,
-            notice={"saved": "Answer saved.", "undone": "Answer undone: here it is again."}.get(
+            notice={"saved": "Answer saved.", "undone": "Answer undone: here it is again.",
+             "late": "That item got all its answers from others while it waited, so yours was not needed: here is the next one."}.get(
                 request.query_params.get("done", "")
             ),
         )
@@ -382,7 +383,10 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
         if item is None:
             raise HTTPException(404, f"item {item_id} is not in your queue")
         value = parse_value(project, item, session.labeler.id, form)
-        await run_in_threadpool(store.submit, session.labeler.id, item_id, value, reason, key)
+        try:
+            await run_in_threadpool(store.submit, session.labeler.id, item_id, value, reason, key, project.overlap)
+        except LateAnswer:
+            return redirect(request, "/label?done=late")
         return redirect(request, "/label?done=saved")
 
     async def undo(request: Request) -> Response:

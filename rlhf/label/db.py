@@ -107,6 +107,11 @@ class StoreError(Exception):
         super().__init__(message)
 
 
+class LateAnswer(StoreError):
+    """An answer after the lease ran out to an item that others have answered `overlap` times
+    since; the item has left the labeler's queue."""
+
+
 @dataclass(frozen=True)
 class Project:
     task: Task
@@ -300,22 +305,27 @@ class Store:
         return Project(rows["task"], int(rows["overlap"]), rows["scale"])
 
     def set_project(self, project: Project) -> Project:
-        """Store the settings of a new project, or check that they match those stored."""
+        """Store the settings of a new project, or check that they match those stored. The
+        overlap may be raised later (items already complete go out again to more labelers);
+        lowering it, or changing the task or scale, would misread the answers already given."""
         with self.write() as conn:
             rows = dict(conn.execute("SELECT key, value FROM project").fetchall())
-            if not rows:
+            if "task" not in rows:
                 conn.executemany(
                     "INSERT INTO project (key, value) VALUES (?, ?)",
                     [("task", project.task), ("overlap", str(project.overlap)), ("scale", project.scale)],
                 )
                 return project
-        stored = Project(rows["task"], int(rows["overlap"]), rows["scale"])
+            stored = Project(rows["task"], int(rows["overlap"]), rows["scale"])
+            if (stored.task, stored.scale) == (project.task, project.scale) and project.overlap > stored.overlap:
+                conn.execute("UPDATE project SET value = ? WHERE key = 'overlap'", (str(project.overlap),))
+                return project
         if stored != project:
             raise StoreError(
                 "conflict",
                 f"{self.path} holds a project with task={stored.task}, overlap={stored.overlap}, "
                 f"scale={stored.scale}; it cannot change to task={project.task}, overlap={project.overlap}, "
-                f"scale={project.scale} (start a new --db for a new project)",
+                f"scale={project.scale} (the overlap can only be raised; start a new --db for a new project)",
             )
         return stored
 
@@ -524,10 +534,13 @@ class Store:
 
     # ------------------------------------------------------------ answers
 
-    def submit(self, labeler_id: int, item_id: int, value: object, reason: str, key: str) -> tuple[Answer, bool]:
+    def submit(self, labeler_id: int, item_id: int, value: object, reason: str, key: str,
+               overlap: int | None = None) -> tuple[Answer, bool]:
         """Store an answer once; returns (answer, replayed). A request repeated with the same
         idempotency key returns the stored answer; the same key for a different answer, an item
-        not handed to this labeler, or a second answer to the same item is refused."""
+        not handed to this labeler, or a second answer to the same item is refused. So is an
+        answer given after the lease ran out to an item that others have since answered
+        `overlap` times: it would pass the overlap (the item leaves this labeler's queue)."""
         encoded = json.dumps(value)
         with self.write() as conn:
             row = conn.execute(
@@ -540,26 +553,37 @@ class Store:
                     raise StoreError("conflict", "this idempotency key was already used for a different answer")
                 return _answer(row), True
             assignment = conn.execute(
-                "SELECT state FROM assignments WHERE item_id = ? AND labeler_id = ?", (item_id, labeler_id)
+                "SELECT state, assigned_at FROM assignments WHERE item_id = ? AND labeler_id = ?", (item_id, labeler_id)
             ).fetchone()
             if assignment is None:
                 raise StoreError("not_found", f"item {item_id} is not in your queue")
             if assignment["state"] != "pending":
                 raise StoreError("conflict", f"you already answered item {item_id}; undo that answer to change it")
             now = time.time()
-            cursor = conn.execute(
-                "INSERT INTO answers (item_id, labeler_id, value, reason, idempotency_key, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (item_id, labeler_id, encoded, reason, key, now),
-            )
-            conn.execute(
-                "UPDATE assignments SET state = ? WHERE item_id = ? AND labeler_id = ?",
-                ("skipped" if value is None else "answered", item_id, labeler_id),
-            )
-            row = conn.execute(
-                "SELECT a.*, l.name FROM answers a JOIN labelers l ON l.id = a.labeler_id WHERE a.id = ?",
-                (cursor.lastrowid,),
-            ).fetchone()
+            late = overlap is not None and value is not None and assignment["assigned_at"] <= now - LEASE_SECONDS
+            if late and conn.execute(
+                "SELECT COUNT(*) FROM assignments WHERE item_id = ? AND state = 'answered' AND labeler_id != ?"
+                " AND (SELECT gold IS NULL FROM items WHERE id = ?)",  # gold items go to everyone
+                (item_id, labeler_id, item_id),
+            ).fetchone()[0] >= overlap:
+                conn.execute("DELETE FROM assignments WHERE item_id = ? AND labeler_id = ?", (item_id, labeler_id))
+                row = None
+            else:
+                cursor = conn.execute(
+                    "INSERT INTO answers (item_id, labeler_id, value, reason, idempotency_key, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (item_id, labeler_id, encoded, reason, key, now),
+                )
+                conn.execute(
+                    "UPDATE assignments SET state = ? WHERE item_id = ? AND labeler_id = ?",
+                    ("skipped" if value is None else "answered", item_id, labeler_id),
+                )
+                row = conn.execute(
+                    "SELECT a.*, l.name FROM answers a JOIN labelers l ON l.id = a.labeler_id WHERE a.id = ?",
+                    (cursor.lastrowid,),
+                ).fetchone()
+        if row is None:
+            raise LateAnswer("conflict", f"item {item_id} got its {overlap} answers from others while it waited")
         return _answer(row), False
 
     def last_answer(self, labeler_id: int) -> Answer | None:

@@ -592,3 +592,22 @@ def test_the_admin_item_page_says_what_each_labeler_saw_as_a_and_b(pair_db, clie
     row = re.search(r'<tr data-labeler="alice">(.*?)</tr>', page, re.S).group(1)
     assert stat(row, "seen") == f"A = #{shown_a + 1} · B = #{2 - shown_a}"
     assert f"#{shown_a + 1} better" in row and "A is concise" in row
+
+
+def test_a_late_answer_does_not_pass_the_overlap(tmp_path, client_for, monkeypatch):
+    import time as clock
+
+    from rlhf.label import db as label_db
+
+    db = make_project(tmp_path, "pair", PAIRS[:1], overlap=1)
+    alice = Labeler(client_for(db), invite(db, "alice"))  # holds the only item, then walks away
+    now = clock.time()
+    monkeypatch.setattr(label_db.time, "time", lambda: now + label_db.LEASE_SECONDS + 1)
+    bob = Labeler(client_for(db), invite(db, "bob"))  # the lease ran out: the item goes to bob
+    assert bob.item_id == alice.item_id
+    bob.prefer(0)
+    r = alice.answer({"choice": "a"})  # alice comes back to her old page
+    assert r.status_code == 303 and r.headers["location"] == "/label?done=late"
+    assert [a.labeler for a in Store(db).live_answers()] == ["bob"]
+    page = alice.client.get("/label?done=late").text
+    assert "yours was not needed" in page and "Nothing left for you" in page

@@ -6,7 +6,7 @@ import argparse
 import re
 
 from rlhf.label.cli import add_label_parser, main, run
-from rlhf.label.db import Store
+from rlhf.label.db import Project, Store
 
 from .conftest import make_project, write_candidates
 
@@ -37,11 +37,25 @@ def test_add_labeler_prints_a_one_time_link(tmp_path, capsys):
 def test_serve_refuses_to_change_a_project(tmp_path, capsys):
     db = make_project(tmp_path, "rank", [("p", ["x", "y", "z"])], overlap=2)
     candidates = write_candidates(tmp_path / "more.jsonl", [("q", ["a", "b"])])
-    for flags in (["--task", "pair"], ["--overlap", "3"], ["--overlap", "0"]):
+    for flags in (["--task", "pair"], ["--overlap", "1"], ["--overlap", "0"]):
         assert main(["serve", "--db", str(db), "--candidates", str(candidates), *flags]) == 2
     err = capsys.readouterr().err
-    assert "cannot change to task=pair" in err and "overlap must be a whole number >= 1" in err
+    assert "cannot change to task=pair" in err and "cannot change to task=rank, overlap=1" in err
+    assert "overlap must be a whole number >= 1" in err
     assert len(Store(db).items()) == 1  # nothing was added
+
+
+def test_the_overlap_can_be_raised_later(tmp_path, client_for):
+    from .conftest import Labeler, invite
+
+    db = make_project(tmp_path, "pair", [("p", ["x", "y"])], overlap=1)
+    alice = Labeler(client_for(db), invite(db, "alice"))
+    alice.prefer(0)
+    bob = Labeler(client_for(db), invite(db, "bob"))
+    assert "Nothing left for you" in bob.page  # the item is complete
+    assert Store(db).set_project(Project("pair", 2, "thumbs")).overlap == 2  # what `serve --overlap 2` does
+    carol = Labeler(client_for(db), invite(db, "carol"))  # a server started on the raised overlap
+    assert "Nothing left for you" not in carol.page
 
 
 def test_serve_reports_a_bad_candidates_file(tmp_path, capsys):
