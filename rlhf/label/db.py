@@ -178,6 +178,10 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _fingerprint(prompt: Content, texts: list[str], gold: object) -> str:
+    return _hash(json.dumps([prompt, texts] if gold is None else [prompt, texts, "gold"]))
+
+
 def _answer(row: sqlite3.Row) -> Answer:
     return Answer(
         row["id"], row["item_id"], row["name"], json.loads(row["value"]), row["reason"], row["created_at"],
@@ -335,15 +339,16 @@ class Store:
         answers = [None] * len(items) if gold is None else gold
         with self.write() as conn:
             before = conn.total_changes
+            # A pair is the same item in either order: the fingerprint of the other order is checked too.
             conn.executemany(
                 "INSERT OR IGNORE INTO items (prompt, messages, completions, fingerprint, source, gold)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                " SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM items WHERE fingerprint = ?)",
                 [
                     (
                         as_text(prompt), json.dumps(prompt, ensure_ascii=False) if isinstance(prompt, list) else None,
-                        json.dumps(texts, ensure_ascii=False),
-                        _hash(json.dumps([prompt, texts] if answer is None else [prompt, texts, "gold"])), source,
+                        json.dumps(texts, ensure_ascii=False), _fingerprint(prompt, texts, answer), source,
                         None if answer is None else json.dumps(answer),
+                        _fingerprint(prompt, texts[::-1] if len(texts) == 2 else texts, answer),
                     )
                     for (prompt, texts, source), answer in zip(items, answers, strict=True)
                 ],

@@ -130,3 +130,28 @@ def test_serve_refuses_gold_that_does_not_fit_the_project(tmp_path, capsys):
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("error: ") and message in line, line
     assert not db.exists()
+
+
+def test_the_same_pair_in_the_other_order_is_one_item(tmp_path):
+    db = make_project(tmp_path, "pair", [("p", ["x", "y"]), ("p", ["y", "x"]), ("q", ["x", "y"])])
+    assert sorted(item.completions for item in Store(db).items().values()) == [["x", "y"], ["x", "y"]]
+    assert Store(db).add_items([("p", ["y", "x"], "again:1")]) == 0
+
+
+def test_serve_hands_its_flags_to_uvicorn(tmp_path, capsys, monkeypatch):
+    import os
+
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    candidates = write_candidates(tmp_path / "c.jsonl", [("p", ["x", "y"])])
+    db = tmp_path / "f.sqlite"
+    assert main(["serve", "--db", str(db), "--candidates", str(candidates), "--host", "0.0.0.0", "--workers", "2",
+                 "--root-path", "/label/", "--trusted-proxy", "10.0.0.5", "--trusted-proxy", "10.0.0.6"]) == 0
+    ((app, kwargs),) = calls
+    assert app == "rlhf.label.app:app_from_environment" and kwargs["factory"] and kwargs["workers"] == 2
+    assert kwargs["root_path"] == "/label" and kwargs["proxy_headers"] is False
+    assert os.environ["RLHF_LABEL_DB"] == str(db) and os.environ["RLHF_LABEL_TRUSTED_PROXIES"] == "10.0.0.5,10.0.0.6"
+    assert "--base-url https://YOUR-HOST/label" in capsys.readouterr().err  # not http://0.0.0.0
