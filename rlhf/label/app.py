@@ -435,7 +435,7 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
         state = await run_in_threadpool(admin_state)
         return render(request, "admin.html", session=session, link=link, notice=notice, **state)
 
-    async def labeler_named(form: FormData) -> str:
+    def labeler_named(form: FormData) -> str:
         name = str(form.get("name", "")).strip()
         if not name or len(name) > 64:
             raise HTTPException(422, "name must be a labeler's name, 1 to 64 characters")
@@ -444,13 +444,13 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
     async def send_link(request: Request) -> Response:
         """A new sign-in link for a labeler (new, signed out, on a new device, or revoked)."""
         session, form = await checked_post(request, admin=True)
-        name = await labeler_named(form)
+        name = labeler_named(form)
         token, _ = await run_in_threadpool(store.add_labeler, name, form.get("admin") == "1")
         return await admin_page(request, session, link=(name, f"{request.base_url}login?token={token}"))
 
     async def revoke(request: Request) -> Response:
         session, form = await checked_post(request, admin=True)
-        name = await labeler_named(form)
+        name = labeler_named(form)
         if name == session.labeler.name:
             raise HTTPException(409, "you cannot revoke your own access; ask another admin or use the CLI")
         ended = await run_in_threadpool(store.revoke, name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Iterable
 
 from rlhf.label.db import Answer, Item, Project
 
@@ -32,7 +33,7 @@ def display_order(item_id: int, labeler_id: int, size: int) -> list[int]:
 
 
 def labeler_stats(project: Project, items: dict[int, Item], answers: list[Answer],
-                  seconds: list[tuple[str, float]], names: list[str] = ()) -> dict[str, dict]:
+                  seconds: list[tuple[str, float]], names: Iterable[str] = ()) -> dict[str, dict]:
     """Per labeler name (those who answered, and `names`): gold_answered, gold_right,
     gold_accuracy, flagged, median_seconds and, for pairs, first_side (the share of their
     preferences for the completion shown as A)."""
