@@ -2,6 +2,7 @@
 
     python benchmarks/label_load.py                        # 50 labelers x 20 answers, overlap 2
     python benchmarks/label_load.py --labelers 10 --answers 5 --repeat
+    python benchmarks/label_load.py --workers 2             # two server processes on one file
 
 Starts `python -m rlhf.label serve` on a fresh project in a temporary directory, signs every
 labeler in with an invite, then all of them at once fetch their next item and post an answer,
@@ -32,7 +33,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-ITEM = re.compile(r'action="/items/(\d+)/answer"')
+ITEM = re.compile(r'action="[^"]*/items/(\d+)/answer"')
 
 
 @dataclass
@@ -83,10 +84,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db: Path, overlap: int, log) -> tuple[subprocess.Popen, str]:
+def start_server(db: Path, overlap: int, log, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "rlhf.label", "serve", "--db", str(db), "--task", "pair",
-           "--overlap", str(overlap), "--port", str(port)]
+           "--overlap", str(overlap), "--port", str(port), "--workers", str(workers)]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -180,12 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answers", type=int, default=20, help="answers per labeler")
     parser.add_argument("--overlap", type=int, default=2)
     parser.add_argument("--repeat", action="store_true", help="post every answer twice at once, same key")
+    parser.add_argument("--workers", type=int, default=1, help="server processes")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         db, tokens = make_project(Path(tmp), args.labelers, args.answers, args.overlap)
         with open(Path(tmp) / "server.log", "wb") as log:
-            process, url = start_server(db, args.overlap, log)
+            process, url = start_server(db, args.overlap, log, args.workers)
             try:
                 load = asyncio.run(run_load(url, tokens, args.answers, args.repeat))
             finally:
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["exactly_once"] = sorted(keys) == sorted(load.acknowledged)
         print(json.dumps(summary))
         print(
-            f"{args.labelers} labelers x {args.answers} answers{' (each posted twice)' if args.repeat else ''}: "
+            f"{args.labelers} labelers x {args.answers} answers{' (each posted twice)' if args.repeat else ''}, "
+            f"{args.workers} worker{'s' if args.workers != 1 else ''}: "
             f"{summary['answers_per_second']} answers/s, p50 {summary['p50_ms']} ms, p99 {summary['p99_ms']} ms, "
             f"{summary['stored']} stored for {summary['answers']} acknowledged, {summary['errors']} errors",
             file=sys.stderr,

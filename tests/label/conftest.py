@@ -49,7 +49,7 @@ def invite(db: Path, name: str, admin: bool = False) -> str:
 
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-ITEM = re.compile(r'action="/items/(\d+)/answer"')
+ITEM = re.compile(r'action="[^"]*/items/(\d+)/answer"')
 KEY = re.compile(r'name="key" value="([^"]+)"')
 
 
@@ -117,14 +117,14 @@ def free_port() -> int:
 class Server:
     """`python -m rlhf.label serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, db: Path, log: Path):
-        self.db, self.log, self.port = db, log, free_port()
+    def __init__(self, db: Path, log: Path, args: tuple[str, ...] = ()):
+        self.db, self.log, self.port, self.args = db, log, free_port(), args
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Server":
         # No --task/--overlap/--scale: serve keeps the settings the project file holds.
-        cmd = [sys.executable, "-m", "rlhf.label", "serve", "--db", str(self.db), "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "rlhf.label", "serve", "--db", str(self.db), "--port", str(self.port), *self.args]
         self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 30
@@ -150,11 +150,11 @@ class Server:
 
 @pytest.fixture
 def serve(tmp_path):
-    """serve(db) -> a running Server; stopped at the end of the test."""
+    """serve(db, *flags) -> a running Server; stopped at the end of the test."""
     servers = []
 
-    def start(db: Path) -> Server:
-        server = Server(db, tmp_path / f"server-{len(servers)}.log").start()
+    def start(db: Path, *args: str) -> Server:
+        server = Server(db, tmp_path / f"server-{len(servers)}.log", args).start()
         servers.append(server)
         return server
 

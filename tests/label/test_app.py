@@ -57,10 +57,85 @@ def test_an_invite_works_once(pair_db, client_for):
     assert client_for(pair_db).post("/login", data={"token": "nonsense"}).status_code == 403
 
 
-def test_session_cookie_is_http_only_and_strict(pair_db, client_for):
+def test_a_new_sign_in_link_lets_a_signed_out_labeler_back_in(pair_db, client_for):
+    alice = Labeler(client_for(pair_db), invite(pair_db, "alice"))
+    first = alice.item_id
+    assert alice.client.post("/logout", data={"csrf": alice.csrf}, follow_redirects=False).status_code == 303
+    assert alice.client.get("/label").status_code == 401
+    admin = Labeler(client_for(pair_db), invite(pair_db, "dana", admin=True))
+    page = admin.client.post("/admin/labelers/link", data={"csrf": admin.csrf, "name": "alice"}).text
+    link = re.search(r'value="(http://testserver/login\?token=[\w-]+)"', page).group(1)
+    again = Labeler(alice.client, link.split("=", 1)[1])
+    assert again.item_id == first  # the item handed to her before is still hers
+    # A labeler cannot make links.
+    r = again.client.post("/admin/labelers/link", data={"csrf": again.csrf, "name": "alice"})
+    assert r.status_code == 403
+
+
+def test_revoke_ends_every_session_at_once(pair_db, client_for):
+    token = invite(pair_db, "alice")
+    laptop = Labeler(client_for(pair_db), token)
+    phone = Labeler(client_for(pair_db), invite(pair_db, "alice"))  # a second link, a second device
+    admin = Labeler(client_for(pair_db), invite(pair_db, "dana", admin=True))
+    r = admin.client.post("/admin/labelers/revoke", data={"csrf": admin.csrf, "name": "alice"})
+    assert r.status_code == 200 and "2 sessions ended" in r.text
+    for device in (laptop, phone):
+        assert device.client.get("/label").status_code == 401
+        assert device.answer({"choice": "a"}).status_code == 401
+    assert admin.client.post("/admin/labelers/revoke", data={"csrf": "forged", "name": "bob"}).status_code == 403
+    r = admin.client.post("/admin/labelers/revoke", data={"csrf": admin.csrf, "name": "nobody"})
+    assert r.status_code == 404
+    r = admin.client.post("/admin/labelers/revoke", data={"csrf": admin.csrf, "name": "dana"})
+    assert r.status_code == 409  # not oneself
+    # A new link restores access.
+    Labeler(client_for(pair_db), invite(pair_db, "alice"))
+
+
+def test_sign_in_links_expire_and_sessions_renew_while_used(pair_db, client_for, monkeypatch):
+    import sqlite3
+    import time as clock
+
+    from rlhf.label import db as label_db
+
+    token = invite(pair_db, "alice")
+    with sqlite3.connect(pair_db) as conn:
+        conn.execute("UPDATE labelers SET invite_expires_at = ?", (clock.time() - 1,))
+    client = client_for(pair_db)
+    for r in [client.get(f"/login?token={token}"), client.post("/login", data={"token": token})]:
+        assert r.status_code == 403 and "has expired" in r.text
+    # A session unused for SESSION_SECONDS ends; each use pushes the end back.
+    alice = Labeler(client, invite(pair_db, "alice"))
+    now = clock.time()
+    monkeypatch.setattr(label_db.time, "time", lambda: now + label_db.SESSION_SECONDS - 10)
+    assert client.get("/label").status_code == 200  # renewed here ...
+    monkeypatch.setattr(label_db.time, "time", lambda: now + label_db.SESSION_SECONDS + 10)
+    assert client.get("/label").status_code == 200  # ... so still open after the first end
+    monkeypatch.setattr(label_db.time, "time", lambda: now + 3 * label_db.SESSION_SECONDS)
+    assert client.get("/label").status_code == 401
+
+
+def test_a_used_link_opened_while_signed_in_opens_the_queue(pair_db, client_for):
+    token = invite(pair_db, "alice")
+    alice = Labeler(client_for(pair_db), token)
+    r = alice.client.get(f"/login?token={token}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/label"
+
+
+def test_an_admin_signing_in_lands_on_the_overview_and_takes_no_item(pair_db, client_for):
+    client = client_for(pair_db)
+    r = client.post("/login", data={"token": invite(pair_db, "dana", admin=True)}, follow_redirects=False)
+    assert r.headers["location"] == "/admin"
+    assert client.get("/admin").status_code == 200
+    import sqlite3
+
+    with sqlite3.connect(pair_db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM assignments").fetchone()[0] == 0
+
+
+def test_session_cookie_is_http_only_and_lax(pair_db, client_for):
     r = client_for(pair_db).post("/login", data={"token": invite(pair_db, "alice")}, follow_redirects=False)
     cookie = r.headers["set-cookie"].lower()
-    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert "httponly" in cookie and "samesite=lax" in cookie
 
 
 def test_forged_or_missing_csrf_token_is_refused(pair_db, client_for):
@@ -140,6 +215,26 @@ def test_bad_input_gets_a_clear_4xx(pair_db, client_for):
     r = alice.answer({"choice": "a", "reason": "x" * 70_000})
     assert r.status_code == 413
     assert Store(pair_db).live_answers() == []
+
+
+def test_bad_ids_and_numbers_get_a_4xx(tmp_path, client_for):
+    """Ids past SQLite's 64-bit integers, and digits other than ASCII ones, are refused, never a 500."""
+    db = make_project(tmp_path, "rank", [("p", ["x", "y", "z"])])
+    alice = Labeler(client_for(db), invite(db, "alice", admin=True))
+    huge = str(2**63)
+    form = {"csrf": alice.csrf, "key": "abcdefgh1", "choice": "a"}
+    for path in [f"/items/{huge}/answer", f"/answers/{huge}/undo", f"/items/{'9' * 30}/answer"]:
+        r = alice.client.post(path, data=form)
+        assert r.status_code == 404, path
+    assert alice.client.get(f"/admin/items/{huge}").status_code == 404
+    assert alice.client.get(f"/admin/items/{2**63 - 1}").status_code == 404  # the largest id: not there
+    for digit in ["\u00b2", "\u0661", "\uff11"]:  # superscript two, Arabic-Indic one, fullwidth one
+        r = alice.answer({"choice": "rank", "rank_0": digit, "rank_1": "2", "rank_2": "3"})
+        assert r.status_code == 422 and "whole number from 1 to 3" in r.json()["error"], digit
+    r = alice.client.post(f"/items/{alice.item_id}/answer", content=b"choice=a",
+                          headers={"content-type": "application/x-www-form-urlencoded", "content-length": "\u00b2".encode("latin-1")})
+    assert r.status_code == 413
+    assert Store(db).live_answers() == []
 
 
 def test_rank_and_rate_validation(tmp_path, client_for):
@@ -402,3 +497,117 @@ def test_admin_agreement_matches_a_hand_computed_example(tmp_path, client_for):
     # The item page lists every answer with its labeler.
     page = admin.client.get(f"/admin/items/{items[2]}").text
     assert "#1 better" not in page and "#2 better" in page and "tie" in page
+
+
+def test_forwarded_headers_count_only_from_a_trusted_proxy(pair_db):
+    from starlette.testclient import TestClient
+
+    from rlhf.label.app import create_app
+
+    forwarded = {"x-forwarded-proto": "https", "x-forwarded-host": "label.example", "origin": "https://label.example"}
+    # The in-process client's address is "testclient".
+    with TestClient(create_app(pair_db, frozenset({"testclient"}))) as client:
+        r = client.post("/login", data={"token": invite(pair_db, "alice")}, headers=forwarded, follow_redirects=False)
+        assert r.status_code == 303 and "secure" in r.headers["set-cookie"].lower()
+    with TestClient(create_app(pair_db)) as client:  # anyone could send these headers
+        r = client.post("/login", data={"token": invite(pair_db, "bob")}, headers=forwarded, follow_redirects=False)
+        assert r.status_code == 403 and "another site" in r.text
+
+
+def test_completions_render_markdown_and_code(tmp_path, client_for):
+    code = "Use a loop:\n\n```python\nfor i in range(3):\n    print('<b>', i)\n```"
+    db = make_project(tmp_path, "pair", [("Print <b> three times", [code, "print('<b>' * 3)"])])
+    page = Labeler(client_for(db), invite(db, "alice")).page
+    assert "<pre><code>for i in range(3):\n    print(&#39;&lt;b&gt;&#39;, i)</code></pre>" in page
+    assert "<p>Use a loop:</p>" in page and "<b>" not in page
+
+
+def test_gold_items_flag_a_careless_labeler(tmp_path, client_for):
+    """40 items, each to 3 labelers, and 20 gold pairs mixed in at 30%: a careful labeler gets the
+    gold right, a careless one answers at random (about half right), a third always presses A."""
+    import json
+    import random
+
+    from rlhf.label.cli import main, read_gold
+
+    db = make_project(tmp_path, "pair", [(f"Question {i}", [f"one {i}", f"two {i}"]) for i in range(40)], overlap=3)
+    gold_file = tmp_path / "gold.jsonl"
+    gold_file.write_text("".join(
+        json.dumps({"prompt": f"Gold {i}", "chosen": f"right {i}", "rejected": f"wrong {i}"}) + "\n" for i in range(20)))
+    store = Store(db)
+    gold = read_gold(gold_file, store.project())
+    assert store.add_items([item for item, _ in gold], [answer for _, answer in gold]) == 20
+    store.set_setting("gold_rate", "0.3")
+    coin = random.Random(0)
+    labelers = {name: Labeler(client_for(db), invite(db, name)) for name in ["careful", "careless", "lefty"]}
+    shown = {name: [] for name in labelers}
+    for name, labeler in labelers.items():
+        while "Nothing left for you" not in labeler.page:
+            item = store.item(labeler.item_id)
+            shown[name].append(item)
+            if name == "lefty":
+                r = labeler.answer({"choice": "a"})
+                assert r.status_code == 303
+                labeler.open()
+            elif name == "careful" and item.gold is not None:
+                labeler.prefer(item.gold)
+            else:
+                labeler.prefer(coin.choice([0, 1]))
+    for name, items in shown.items():
+        share = sum(item.gold is not None for item in items) / len(items)
+        assert sum(item.gold is None for item in items) == 40 and 0.28 <= share <= 0.32, (name, share)
+    gold_seen = sum(item.gold is not None for item in shown["careful"])
+
+    admin = Labeler(client_for(db), invite(db, "dana", admin=True))
+    html = admin.client.get("/admin").text
+    quality = re.search(r'<table class="table" id="quality">(.*?)</table>', html, re.S).group(1)
+    rows = {name: re.search(rf'<tr data-labeler="{name}">(.*?)</tr>', quality, re.S).group(1) for name in labelers}
+    assert stat(rows["careful"], "gold-accuracy") == "100%" and stat(rows["careful"], "gold-answered") == str(gold_seen)
+    careless = int(stat(rows["careless"], "gold-accuracy").rstrip("%"))
+    assert careless < 70 and 'data-stat="flagged"' in rows["careless"]
+    assert 'data-stat="flagged"' not in rows["careful"]
+    assert stat(rows["lefty"], "first-side") == "100%"
+    assert 35 <= int(stat(rows["careful"], "first-side").rstrip("%")) <= 65
+    assert re.fullmatch(r"\d+ s", stat(rows["careful"], "seconds"))
+    assert 'data-labeler="dana"' not in quality  # an admin who answered nothing is not a labeler here
+    gold_ids = {item.id for items in shown.values() for item in items if item.gold is not None}
+    assert not gold_ids & {int(i) for i in re.findall(r'<tr data-item="(\d+)">', html)}
+
+    # The export leaves out gold answers, carries each labeler's accuracy, and can drop the careless.
+    assert main(["export", "--db", str(db), "--out", str(tmp_path / "all.jsonl")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 40 and not any(r["prompt"].startswith("Gold") for r in records)
+    assert {r["labeler"]: r["gold_accuracy"] for r in records}["careful"] == 1.0
+    assert main(["export", "--db", str(db), "--out", str(tmp_path / "kept.jsonl"), "--min-gold-accuracy", "0.7"]) == 0
+    kept = [json.loads(line) for line in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert {r["labeler"] for r in kept} == {"careful"} and len(kept) == 40  # pressing A alone fails the gold too
+
+
+def test_the_admin_item_page_says_what_each_labeler_saw_as_a_and_b(pair_db, client_for):
+    alice = Labeler(client_for(pair_db), invite(pair_db, "alice"))
+    item, shown_a = alice.item_id, alice.candidate_at("a")
+    alice.prefer(shown_a, reason="A is concise")
+    admin = Labeler(client_for(pair_db), invite(pair_db, "dana", admin=True))
+    page = admin.client.get(f"/admin/items/{item}").text
+    row = re.search(r'<tr data-labeler="alice">(.*?)</tr>', page, re.S).group(1)
+    assert stat(row, "seen") == f"A = #{shown_a + 1} · B = #{2 - shown_a}"
+    assert f"#{shown_a + 1} better" in row and "A is concise" in row
+
+
+def test_a_late_answer_does_not_pass_the_overlap(tmp_path, client_for, monkeypatch):
+    import time as clock
+
+    from rlhf.label import db as label_db
+
+    db = make_project(tmp_path, "pair", PAIRS[:1], overlap=1)
+    alice = Labeler(client_for(db), invite(db, "alice"))  # holds the only item, then walks away
+    now = clock.time()
+    monkeypatch.setattr(label_db.time, "time", lambda: now + label_db.LEASE_SECONDS + 1)
+    bob = Labeler(client_for(db), invite(db, "bob"))  # the lease ran out: the item goes to bob
+    assert bob.item_id == alice.item_id
+    bob.prefer(0)
+    r = alice.answer({"choice": "a"})  # alice comes back to her old page
+    assert r.status_code == 303 and r.headers["location"] == "/label?done=late"
+    assert [a.labeler for a in Store(db).live_answers()] == ["bob"]
+    page = alice.client.get("/label?done=late").text
+    assert "yours was not needed" in page and "Nothing left for you" in page

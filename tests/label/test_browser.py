@@ -1,7 +1,7 @@
 """End to end in a real browser: sign in with an invite, answer with the keyboard alone, undo,
 export, train a reward model on the export, and check that untrusted text stays inert.
 
-Screenshots of the three task pages and the admin page go to $RLHF_SCREENSHOTS when it is set
+Screenshots of the three task pages and the admin page, at 1280x800 and 390x844, go to $RLHF_SCREENSHOTS when it is set
 (docs/screenshots/ holds the committed ones), else to the test's temporary directory.
 """
 
@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,9 @@ PAIR_RECORDS = [
             "A reward model is a network trained on human comparisons to score a response to a prompt. "
             "During PPO its score stands in for the human, so the policy can be optimised against it.",
             "It is the model that gives rewards.",
-            "A reward model predicts which of two responses a person would prefer; its scalar output is "
-            "then used as the reward signal when fine-tuning the language model with reinforcement learning.",
+            "A reward model predicts which of two responses a person would **prefer**; its scalar output is "
+            "the reward when the language model is tuned with RL:\n\n"
+            "```python\nscore = reward_model(prompt, response)  # one float\nloss = -logsigmoid(chosen - rejected)\n```",
         ],
     ),
     (
@@ -52,13 +54,15 @@ PAIR_RECORDS = [
 RANK_RECORDS = [
     (
         "Suggest a name for a small bakery that specialises in sourdough.",
-        ["Rise & Crumb", "Bakery Number One", "The Slow Loaf", "Bread Shop"],
+        ["Rise & Crumb", "Bakery Number One", "**The Slow Loaf**, with a sign in code:\n\n```\nwhile oven.warm(): bake()\n```",
+         "Bread Shop"],
     ),
 ]
 RATE_RECORDS = [
     (
         "Summarise: 'The meeting moved from Tuesday to Thursday at 3 pm because the room was booked.'",
-        ["The meeting is now on Thursday at 3 pm, since the room was taken on Tuesday."],
+        ["The meeting is now on *Thursday at 3 pm*, since the room was taken on Tuesday:\n\n"
+         "- before: `Tue 15:00`\n- after: `Thu 15:00`\n\n```\nmeeting.move(\"Tue\", \"Thu\")\n```"],
     ),
 ]
 
@@ -75,7 +79,7 @@ def cli(*args: str) -> str:
     return result.stdout.strip()
 
 
-def sign_in(browser, server, db: Path, name: str, admin: bool = False):
+def sign_in(browser, server, db: Path, name: str, admin: bool = False, lands: str = "/label"):
     """A fresh browser context (its own cookies) signed in with an invite from the real CLI."""
     link = cli("add-labeler", name, "--db", str(db), "--base-url", server.url, *(["--admin"] if admin else []))
     assert re.fullmatch(rf"{re.escape(server.url)}/login\?token=[\w-]+", link)
@@ -84,8 +88,17 @@ def sign_in(browser, server, db: Path, name: str, admin: bool = False):
     page.goto(link)
     assert "This invite is for" in page.inner_text("main")
     page.keyboard.press("Enter")  # the sign-in button has the focus
-    page.wait_for_url(f"{server.url}/label")
+    page.wait_for_url(f"{server.url}{lands}")
     return page
+
+
+def shoot(page, shots: Path, name: str) -> None:
+    """A full-page screenshot at a laptop's 1280x800 (name.png) and a phone's 390x844 (name-phone.png)."""
+    for suffix, size in [("", {"width": 1280, "height": 800}), ("-phone", {"width": 390, "height": 844})]:
+        page.set_viewport_size(size)
+        page.screenshot(path=str(shots / f"{name}{suffix}.png"), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= size["width"], f"{name}{suffix} overflows"
+    page.set_viewport_size({"width": 1280, "height": 860})
 
 
 def press(page, key: str, expect: str = "done=saved") -> None:
@@ -115,7 +128,8 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
     # ---- a pair project: three labelers, each item to all three ---------------------------
     pair_db = make_project(tmp_path, "pair", PAIR_RECORDS, overlap=3, name="pairs")
     server = serve(pair_db)
-    page = sign_in(browser, server, pair_db, "alice", admin=True)
+    page = sign_in(browser, server, pair_db, "alice", admin=True, lands="/admin")  # an admin lands on the overview
+    page.goto(f"{server.url}/label")
     assert "0</strong> answered" in page.inner_html(".status")
 
     first = item_on(page)
@@ -132,7 +146,7 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
     assert item_on(page) == second
     assert "Answer undone" in page.inner_text(".notice")
     press(page, "t")  # this time: a tie
-    page.screenshot(path=str(shots / "pair.png"), full_page=True)
+    shoot(page, shots, "pair")
 
     answers = {a.item_id: a for a in Store(pair_db).live_answers()}
     assert answers[first].value == shown_a and answers[first].reason == "Response A is precise <b>and</b> short."
@@ -149,7 +163,7 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
     page.goto(f"{server.url}/admin")
     assert page.inner_text('[data-labeler="bob"] [data-stat="answered"]') == "4"
     assert page.inner_text('section.card [data-stat="alpha"]') != ""
-    page.screenshot(path=str(shots / "admin.png"), full_page=True)
+    shoot(page, shots, "admin")
 
     # ---- a ranking ---------------------------------------------------------------------------
     rank_db = make_project(tmp_path, "rank", RANK_RECORDS, name="ranks")
@@ -164,7 +178,7 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
     assert page.inner_text("output.ranking") == "3 > 1"
     page.keyboard.press("4")
     assert page.inner_text("output.ranking") == "3 > 1 > 4 > 2"
-    page.screenshot(path=str(shots / "rank.png"), full_page=True)
+    shoot(page, shots, "rank")
     press(page, "Enter")
     (ranking,) = Store(rank_db).live_answers()
     assert ranking.value == [shown[2], shown[0], shown[3], shown[1]]
@@ -173,7 +187,7 @@ def test_label_with_the_keyboard_undo_export_and_train(browser, serve, tmp_path,
     rate_db = make_project(tmp_path, "rate", RATE_RECORDS, scale="1-7", name="ratings")
     server = serve(rate_db)
     page = sign_in(browser, server, rate_db, "alice")
-    page.screenshot(path=str(shots / "rate.png"), full_page=True)
+    shoot(page, shots, "rate")
     press(page, "6")
     assert "Nothing left for you" in page.inner_text("main")
     (rating,) = Store(rate_db).live_answers()
@@ -225,7 +239,8 @@ def test_untrusted_text_renders_inert(browser, serve, tmp_path):
     records = [(f"Prompt with {XSS['script']}", [f"{XSS['img']} and {XSS['link']}", f"plain {XSS['script']}"])]
     db = make_project(tmp_path, "pair", records)
     server = serve(db)
-    page = sign_in(browser, server, db, f"mallory {XSS['img']}", admin=True)
+    page = sign_in(browser, server, db, f"mallory {XSS['img']}", admin=True, lands="/admin")
+    page.goto(f"{server.url}/label")
     dialogs, violations = [], []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
@@ -252,3 +267,94 @@ def test_untrusted_text_renders_inert(browser, serve, tmp_path):
     assert page.evaluate("window.__pwned") is None
     assert page.evaluate("document.querySelectorAll('main img').length") == 0
     assert dialogs == [] and violations == []
+
+
+def test_sign_out_then_in_again_revoke_cross_site_link_and_expired_link(browser, serve, tmp_path):
+    db = make_project(tmp_path, "pair", PAIR_RECORDS, overlap=2)
+    server = serve(db)
+
+    # Signed out, a labeler comes back with a new link the admin makes on the admin page.
+    page = sign_in(browser, server, db, "alice")
+    first = item_on(page)
+    with page.expect_navigation(url=re.compile("/login$")):
+        page.click("text=Sign out")
+    page.goto(f"{server.url}/label")
+    assert "Sign in first" in page.inner_text("main")
+    admin = sign_in(browser, server, db, "dana", admin=True, lands="/admin")
+    admin.click('[data-labeler="alice"] [data-action="link"]')
+    link = admin.input_value(".link-box")
+    assert link.startswith(f"{server.url}/login?token=")
+    page.goto(link)
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{server.url}/label")
+    assert item_on(page) == first
+
+    # A link from another site (a chat message) opens the queue signed in: the cookie is Lax.
+    page.route("http://chat.example/", lambda route: route.fulfill(
+        content_type="text/html", body=f'<a id="go" href="{server.url}/label">next item</a>'))
+    page.goto("http://chat.example/")
+    with page.expect_navigation(url=f"{server.url}/label"):
+        page.click("#go")
+    assert item_on(page) == first
+
+    # Revoked, the same browser gets 401 on its next request.
+    admin.click('[data-labeler="alice"] [data-action="revoke"]')
+    assert "Revoked alice" in admin.inner_text(".notice")
+    response = page.reload()
+    assert response.status == 401 and "Sign in first" in page.inner_text("main")
+
+    # An expired link is refused with a message that says so.
+    link = cli("add-labeler", "erin", "--db", str(db), "--base-url", server.url)
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE labelers SET invite_expires_at = 0 WHERE name = 'erin'")
+    conn.close()
+    response = page.goto(link)
+    assert response.status == 403
+    assert "This sign-in link has expired: ask your project admin for a new one." in page.inner_text(".error")
+
+
+def test_rank_twelve_with_the_keyboard_and_read_the_guidelines(browser, serve, tmp_path):
+    db = make_project(tmp_path, "rank", [("Count to twelve.", [f"response {n}" for n in range(12)])])
+    guidelines = tmp_path / "guidelines.md"
+    guidelines.write_text("Rank by **correctness** first.\n\n- Then brevity.")
+    server = serve(db, "--guidelines", str(guidelines))
+    page = sign_in(browser, server, db, "alice")
+    assert "<kbd>1</kbd>–<kbd>12</kbd>" in page.content()
+    # The guidelines are one key away, and the same key closes them.
+    assert not page.is_visible("#guidelines li")
+    page.keyboard.press("g")
+    assert page.inner_text("#guidelines strong") == "correctness" and page.is_visible("#guidelines li")
+    page.keyboard.press("g")
+    assert not page.is_visible("#guidelines li")
+    order = ["12", "1", "10", "2", "11", "3", "4", "5", "6", "7", "8"]  # the twelfth pick, 9, follows
+    for number in order:
+        page.keyboard.type(number)
+        if number == "1":
+            page.wait_for_timeout(900)  # a lone 1 is taken once no second digit comes
+    assert page.inner_text("output.ranking") == " > ".join(order + ["9"])
+    shown = [int(page.get_attribute(f'[data-position="{p}"]', "data-candidate")) for p in range(12)]
+    press(page, "Enter")
+    (ranking,) = Store(db).live_answers()
+    assert ranking.value == [shown[int(n) - 1] for n in order + ["9"]]
+
+
+def test_admin_page_shows_gold_accuracy_per_labeler(browser, serve, tmp_path):
+    import random
+
+    db = make_project(tmp_path, "pair", [(f"Question {i}", [f"one {i}", f"two {i}"]) for i in range(12)], overlap=2)
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text("".join(json.dumps({"prompt": f"Gold {i}", "chosen": f"right {i}", "rejected": f"wrong {i}"}) + "\n"
+                            for i in range(10)))
+    server = serve(db, "--gold", str(gold), "--gold-rate", "0.3")
+    coin = random.Random(1)
+    for name in ["careful", "careless"]:
+        with httpx.Client(base_url=server.url) as client:
+            labeler = Labeler(client, Store(db).add_labeler(name)[0])
+            while "Nothing left for you" not in labeler.page:
+                item = Store(db).item(labeler.item_id)
+                labeler.prefer(item.gold if name == "careful" and item.gold is not None else coin.choice([0, 1]))
+    page = sign_in(browser, server, db, "dana", admin=True, lands="/admin")
+    assert page.inner_text('#quality [data-labeler="careful"] [data-stat="gold-accuracy"]') == "100%"
+    assert page.is_visible('#quality [data-labeler="careless"] [data-stat="flagged"]')
+    shoot(page, shots_dir(tmp_path), "admin-quality")

@@ -1,4 +1,5 @@
-"""50 labelers submitting 20 answers each at once, every answer posted twice: each stored exactly once."""
+"""50 labelers submitting 20 answers each at once, every answer posted twice: each stored exactly
+once, with one server process and with two sharing the file."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import importlib.util
 import sqlite3
 import sys
 from collections import Counter
+
+import pytest
 
 from .conftest import ROOT
 
@@ -17,9 +20,10 @@ spec.loader.exec_module(label_load)
 LABELERS, ANSWERS, OVERLAP = 50, 20, 2
 
 
-def test_concurrent_answers_are_stored_exactly_once(serve, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_answers_are_stored_exactly_once(serve, tmp_path, workers):
     db, tokens = label_load.make_project(tmp_path, LABELERS, ANSWERS, OVERLAP)
-    server = serve(db)
+    server = serve(db, "--workers", str(workers))
     load = asyncio.run(label_load.run_load(server.url, tokens, ANSWERS, repeat=True))
     print("load:", load.summary())
 

@@ -42,6 +42,25 @@
     showRanking();
   }
 
+  // With 10 or more responses a number can take two keys: "1" waits a moment for a second digit
+  // ("1" then "2" picks 12), unless no number it could start is on the page.
+  let typed = "";
+  let typedTimer = null;
+
+  function commitTyped() {
+    clearTimeout(typedTimer);
+    const number = parseInt(typed, 10);
+    typed = "";
+    if (number >= 1) pick(number - 1);
+  }
+
+  function typeDigit(digit) {
+    clearTimeout(typedTimer);
+    typed += digit;
+    if (parseInt(typed, 10) * 10 > rankSelects().length) commitTyped();
+    else typedTimer = setTimeout(commitTyped, 700);
+  }
+
   if (rankForm) {
     rankSelects().forEach(function (select) {
       select.addEventListener("change", function () {
@@ -85,9 +104,9 @@
       return;
     }
     const key = event.key.toLowerCase();
-    if (rankForm && /^[1-9]$/.test(key)) {
+    if (rankForm && /^[0-9]$/.test(key)) {
       event.preventDefault();
-      pick(parseInt(key, 10) - 1);
+      typeDigit(key);
       return;
     }
     if (rankForm && key === "enter" && !rankForm.checkValidity()) {
