@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -466,7 +467,7 @@ def summarize_round(recipe, config: LoopConfig, rnd: Round, feedback: Path, accu
         "policy": str(rnd.dir / "ppo" / "model"),
         "labels": len(records),
         "labels_total": labels_used,
-        "labelers": dict(sorted(_count(r.labeler or "unknown" for r in records).items())),
+        "labelers": dict(sorted(Counter(r.labeler or "unknown" for r in records).items())),
         "fresh_accuracy": accuracy,
         "reward_accuracy": _read_json(Path(reward_model).parent / "eval.json", {}).get("accuracy"),
         "gold_agreement": gold_agreement(records, recipe.eval.oracle),
@@ -485,13 +486,6 @@ def summarize_round(recipe, config: LoopConfig, rnd: Round, feedback: Path, accu
     if previous is not None and "gold" in current:
         summary["win_rate_gold_vs_previous"] = _win_rate_between(evaluation["samples"], previous["policy"], current["policy"])
     return summary
-
-
-def _count(names) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for name in names:
-        out[name] = out.get(name, 0) + 1
-    return out
 
 
 def _win_rate_between(samples: Path, before: str, after: str) -> float:
