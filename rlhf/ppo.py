@@ -512,18 +512,18 @@ def step_metrics(batch: Rollout, completions: list[str], beta: float, accelerato
     }
 
 
-def over_kl_budget(config: StopConfig, step: int, kl: float) -> str | None:
-    """The reason to stop at `step` before its update, or None: the reward-hacking guard looks at
-    the rollout's KL to the reference, so that no update is made on an over-budget batch."""
-    if config.kl_budget is not None and kl > config.kl_budget:
+GUARDED = ("kl/sequence", "diversity/distinct_per_100")
+"""The rollout metrics the guards read; a checkpoint keeps them, so that a resumed run re-decides."""
+
+
+def guard_stop(config: StopConfig, step: int, rollout: dict[str, float]) -> str | None:
+    """The reason to stop at `step` before its update, or None. The guards look at the rollout,
+    so that no update is made on a batch past them: the reward-hacking guard at its KL to the
+    reference, the collapse guard at its distinct responses."""
+    kl, distinct = rollout.get("kl/sequence"), rollout.get("diversity/distinct_per_100")
+    if config.kl_budget is not None and kl is not None and kl > config.kl_budget:
         return f"KL budget exceeded at step {step}, before its update: mean KL per sequence {kl:.3f} > {config.kl_budget}"
-    return None
-
-
-def collapsed(config: StopConfig, step: int, distinct: float) -> str | None:
-    """The reason to stop at `step` before its update, or None: the collapse guard looks at the
-    rollout's distinct responses, so that no update pushes a collapsing policy further."""
-    if config.min_distinct is not None and distinct < config.min_distinct:
+    if config.min_distinct is not None and distinct is not None and distinct < config.min_distinct:
         return f"collapse guard at step {step}, before its update: {distinct:.1f} distinct responses per 100 prompts < {config.min_distinct}"
     return None
 
@@ -623,10 +623,11 @@ def train(config: PPOConfig) -> Path:
     tracker = Tracker(out, enabled=accelerator.is_main_process, resume_step=step)
     order = training.batches(len(prompts), config.algo.batch_size, config.seed, state["epoch"], state["batch"])
     bar = tqdm(total=config.stop.max_steps, initial=step, desc="ppo", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    # A run a guard stopped stays stopped, unless the guard now allows that step's KL or diversity.
-    kl_stop = over_kl_budget(config.stop, step, state["kl"]) if state.get("kl_stopped") else None
-    collapse_stop = collapsed(config.stop, step, state["distinct"]) if state.get("collapse_stopped") else None
-    reason = kl_stop or collapse_stop or (should_stop(config.stop, step, window) if step else None)
+    # A run a guard stopped stays stopped, unless the guards now allow that step's rollout (a
+    # checkpoint of an earlier release holds the KL alone, as "kl" and "kl_stopped").
+    guarded = state.get("guarded", {"kl/sequence": state.get("kl")})
+    stop = guard_stop(config.stop, step, guarded) if state.get("guard_stopped", state.get("kl_stopped")) else None
+    reason = stop or (should_stop(config.stop, step, window) if step else None)
     warned: set[str] = set()
     if reason and checkpoint is not None:
         log.info("the run in %s had already stopped at step %d: %s", out, step, reason)
@@ -642,10 +643,9 @@ def train(config: PPOConfig) -> Path:
         if band is not None:
             metrics["score/above_band"] = float(metrics["score/mean"] > band[1])
         step += 1
-        kl_stop = over_kl_budget(config.stop, step, metrics["kl/sequence"])
-        collapse_stop = collapsed(config.stop, step, metrics["diversity/distinct_per_100"])
+        stop = guard_stop(config.stop, step, metrics)
         timings = {k: v for k, v in info.items() if k.startswith("time/")}
-        if kl_stop is None and collapse_stop is None:
+        if stop is None:
             model.train()
             with timed(timings, "time/train"):
                 metrics.update(ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator))
@@ -658,14 +658,13 @@ def train(config: PPOConfig) -> Path:
             warn_once(warned, step, metrics, band)
         bar.update(1)
         bar.set_postfix(score=f"{metrics['score/mean']:.3f}", kl=f"{metrics['kl/sequence']:.2f}", beta=f"{kl_controller.beta:.3f}")
-        reason = kl_stop or collapse_stop or should_stop(config.stop, step, window)
+        reason = stop or should_stop(config.stop, step, window)
         if step % config.save_every == 0 or reason:
             rng = training.rng_states(accelerator)  # on every process
             if accelerator.is_main_process:
                 position = {
                     "epoch": epoch, "batch": index + 1, "window": list(window), "beta": kl_controller.beta, "generator": generator.get_state(),
-                    "kl": metrics["kl/sequence"], "kl_stopped": kl_stop is not None,
-                    "distinct": metrics["diversity/distinct_per_100"], "collapse_stopped": collapse_stop is not None,
+                    "guarded": {key: metrics[key] for key in GUARDED}, "guard_stopped": stop is not None,
                 }
                 save_trained(out, step, accelerator.unwrap_model(model), tokenizer, {**position, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, rng)
     bar.close()

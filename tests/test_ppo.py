@@ -136,17 +136,24 @@ def test_without_kl_penalty_a_gameable_reward_drives_kl_up_and_the_budget_stops_
 def test_a_run_stopped_by_the_kl_budget_stays_stopped_on_resume(tiny_sft_dir, tiny_prompts, tmp_path, caplog):
     config = gameable(make_config(tiny_sft_dir, tiny_prompts, tmp_path, max_steps=12, kl_budget=5.0))
     ppo.train(config)
-    metrics, reason = (tmp_path / "metrics.jsonl").read_text(), (tmp_path / "stop_reason.txt").read_text()
-    assert reason.startswith("KL budget exceeded")
+    assert (tmp_path / "stop_reason.txt").read_text().startswith("KL budget exceeded")
+    stays_stopped_until_lifted(config, tmp_path, caplog, "kl_budget")
+
+
+def stays_stopped_until_lifted(config: ppo.PPOConfig, out, caplog, guard: str) -> None:
+    """Resuming a run that `stop.<guard>` stopped changes nothing and says so; with the guard
+    lifted the run goes on to its step limit."""
+    metrics, reason = (out / "metrics.jsonl").read_text(), (out / "stop_reason.txt").read_text()
     config.resume = True
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="rlhf.ppo"):
         ppo.train(config)
     assert "already stopped" in caplog.text and reason.strip() in caplog.text
-    assert (tmp_path / "metrics.jsonl").read_text() == metrics and (tmp_path / "stop_reason.txt").read_text() == reason
-    config.stop.kl_budget = None  # lifting the budget lets the run go on to its step limit
+    assert (out / "metrics.jsonl").read_text() == metrics and (out / "stop_reason.txt").read_text() == reason
+    setattr(config.stop, guard, None)
     ppo.train(config)
-    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 13))
-    assert (tmp_path / "stop_reason.txt").read_text().startswith("max steps")
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, config.stop.max_steps + 1))
+    assert (out / "stop_reason.txt").read_text().startswith("max steps")
 
 
 def terse(config: ppo.PPOConfig) -> ppo.PPOConfig:
@@ -175,18 +182,7 @@ def test_a_reward_for_brevity_collapses_the_responses_and_the_collapse_guard_sto
     assert final.keys() == previous.keys() and all(torch.equal(final[k], previous[k]) for k in final)
     # Each kind of warning is logged once, at the first step that shows it, however many do.
     assert sum(m["diversity/top_share"] > 0.2 for m in metrics) > 1 and caplog.text.count("of responses are one and the same text") == 1
-
-    config.resume = True
-    logged = (tmp_path / "metrics.jsonl").read_text()
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="rlhf.ppo"):
-        ppo.train(config)
-    assert "already stopped" in caplog.text and reason.strip() in caplog.text
-    assert (tmp_path / "metrics.jsonl").read_text() == logged and (tmp_path / "stop_reason.txt").read_text() == reason
-    config.stop.min_distinct = None  # lifting the guard lets the run go on to its step limit
-    ppo.train(config)
-    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 15))
-    assert (tmp_path / "stop_reason.txt").read_text().startswith("max steps")
+    stays_stopped_until_lifted(config, tmp_path, caplog, "min_distinct")
 
 
 @pytest.mark.parametrize("band, above", [([-0.5, 0.5], True), ([0.5, 2.0], False)])
