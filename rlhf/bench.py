@@ -13,8 +13,8 @@ same size saved as `rlhf reward` saves one, so the reward forward pass is real. 
 workload is one PPO iteration on 16 prompts of up to 16 tokens with 32 new tokens each, one
 epoch, one minibatch.
 
-What runs is the library's own code: `ppo.rollout` (whose phases time themselves, as in
-training), `ppo.compute_advantages` and `ppo.ppo_epochs`; for the reward model and SFT their
+What runs is the library's own code: `rl.rollout` (whose phases time themselves, as in
+training), `ppo.PPO.advantages` and `rl.update_epochs`; for the reward model and SFT their
 losses (`reward.forward_scores` and `reward.comparison_loss`, `sft.token_loss_sum`) with the
 optimiser of `training.make_optimizer`. Times are medians over `--iterations` after `--warmup`.
 FLOPs are counted once per phase with `torch.utils.flop_counter` (matrix products and
@@ -195,8 +195,9 @@ def summary(times: list[float]) -> dict[str, float]:
 
 def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> dict:
     """Median seconds per PPO iteration and per phase, FLOPs per phase, generated tokens per second."""
-    from rlhf import ppo, training
-    from rlhf.models import load_tokenizer
+    from rlhf import ppo, rl, training
+    from rlhf.rollout import LocalEngine, generate, policy_forward, reference_forward, score, timed
+    from rlhf.models import load_tokenizer, stop_token_ids
     from rlhf.sampling import SamplingConfig
     from rlhf.scoring import RewardSourceConfig, load_reward_source
 
@@ -205,7 +206,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
         reward=RewardSourceConfig(kind="model", path=str(reward_model), batch_size=bench.batch),
         generation=SamplingConfig(temperature=0.7, max_new_tokens=bench.new_tokens),
         algo=ppo.PPOAlgoConfig(batch_size=bench.batch, minibatch_size=bench.batch, micro_batch_size=bench.batch, epochs=1),
-        optim=ppo.PPOOptimConfig(lr=1e-5, schedule="constant"),
+        optim=rl.OptimConfig(lr=1e-5, schedule="constant"),
         precision=bench.precision,
     )
     config.lora.enabled = mode == "lora"
@@ -215,7 +216,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     device, bf16 = accelerator.device, training.use_bf16(config.precision, accelerator.device)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(config.policy)
-    model, reference = ppo.build_models(config, tokenizer, device)
+    model, reference = rl.build_models(config, ppo.PPO(config), tokenizer, device)
     reward_source = load_reward_source(config.reward, device)
     optimizer, scheduler = training.make_optimizer(model, config.optim, bench.warmup + bench.iterations + 1)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -227,14 +228,14 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
 
     def iteration() -> tuple[dict[str, float], int]:
         timings: dict[str, float] = {}
-        with ppo.timed(timings, "time/iteration"):
+        with timed(timings, "time/iteration"):
             unwrapped.eval()
-            batch, info = ppo.rollout(unwrapped, reference, prompts, texts, reward_source, config, tokenizer, device, bf16)
-            with ppo.timed(info, "time/advantages"):
-                ppo.compute_advantages(batch, beta, config, accelerator)
+            batch, info = rl.rollout(unwrapped, reference, prompts, texts, reward_source, config, tokenizer, device, bf16)
+            with timed(info, "time/advantages"):
+                ppo.PPO(config).advantages(batch, beta, lambda t: accelerator.reduce(t, "sum"))
             model.train()
-            with ppo.timed(info, "time/train"):
-                ppo.ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
+            with timed(info, "time/train"):
+                rl.update_epochs(model, ppo.PPO(config), optimizer, scheduler, batch, config, accelerator, bf16, generator, beta)
         timings.update({k: v for k, v in info.items() if k.startswith("time/")})
         return timings, int(batch.mask.sum())
 
@@ -247,17 +248,19 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     with torch.no_grad():
         unwrapped.eval()
         with counting(flops, "generate"):
-            batch = ppo.generate(unwrapped.policy, prompts, tokenizer, config, device, bf16)
+            stop_ids = stop_token_ids(tokenizer, unwrapped.policy)
+            engine = LocalEngine(unwrapped.policy, tokenizer.pad_token_id, stop_ids, config.generation, bf16)
+            batch = generate(engine, prompts, tokenizer.pad_token_id, stop_ids, device)
         with counting(flops, "score"):
-            ppo.score(batch, texts, reward_source, tokenizer, config)
+            score(batch, texts, reward_source, tokenizer, config.algo.missing_eos_penalty, config.algo.score_clip)
         with counting(flops, "value"):
-            ppo.policy_and_value_forward(unwrapped, batch, config, device, bf16)
+            policy_forward(unwrapped, batch, config.generation.temperature, config.algo.micro_batch_size, device, bf16)
         with counting(flops, "reference"):
-            ppo.reference_forward(unwrapped.policy, reference, batch, config, device, bf16)
-    ppo.compute_advantages(batch, beta, config, accelerator)
+            reference_forward(unwrapped.policy, reference, batch, config.generation.temperature, config.algo.micro_batch_size, device, bf16)
+    ppo.PPO(config).advantages(batch, beta, lambda t: accelerator.reduce(t, "sum"))
     model.train()
     with counting(flops, "train"):
-        ppo.ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, bf16, generator)
+        rl.update_epochs(model, ppo.PPO(config), optimizer, scheduler, batch, config, accelerator, bf16, generator, beta)
 
     phases = {}
     for phase in ("generate", "score", "value", "reference", "advantages", "train"):

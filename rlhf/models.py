@@ -305,3 +305,63 @@ def save_model(model, tokenizer, path: str | Path, extra_config: dict | None = N
 def _merged_copy(peft_model):
     """A merged copy of a peft model, leaving the trained adapters in place (training may go on)."""
     return copy.deepcopy(peft_model).merge_and_unload()
+
+
+def response_slice(logits_or_values: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The positions whose outputs belong to response tokens: P-1 .. P+T-2 predict tokens P .. P+T-1."""
+    return logits_or_values[:, prompt_len - 1 : -1]
+
+
+def lm_output(model, kwargs: dict, response_length: int | None, **options):
+    """The causal LM's output, with logits for the last T + 1 positions alone given the response
+    length T, or for all positions (the language-model head over the prompt is wasted work: its
+    output, (B, P, V), is the largest tensor of the pass when prompts are long)."""
+    from rlhf import causal_lm
+
+    if response_length is None:
+        return model(**kwargs, **options)
+    return causal_lm.last_logits(model, kwargs, response_length + 1, **options)
+
+
+def lm_logits(model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
+    """(B, T, V) logits at the T positions that predict the response tokens."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    return lm_output(model, kwargs, response_length).logits[:, :-1]
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The trained policy and its critic as one module (one optimiser, one data-parallel wrapper).
+
+    The critic is a separate network's per-token head (PPO's default, checklist item 8), a linear
+    head on the policy's last hidden state (`value_head`), or absent (the critic-free algorithms):
+    then the values are None.
+    """
+
+    def __init__(self, policy, value_model=None, value_head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.policy, self.value_model, self.value_head = policy, value_model, value_head
+
+    @property
+    def has_critic(self) -> bool:
+        return self.value_model is not None or self.value_head is not None
+
+    def forward(self, input_ids, attention_mask, position_ids, response_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B, L, V), values (B, L) or None); given `response_length` T, the outputs at the
+        T positions that predict response tokens alone, (B, T, V) and (B, T) (see `lm_logits`)."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if self.value_head is not None:
+            out = lm_output(self.policy, kwargs, response_length, output_hidden_states=True)
+            values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+            logits = out.logits
+        else:
+            logits = lm_output(self.policy, kwargs, response_length).logits
+            values = self.values(**kwargs) if self.value_model is not None else None
+        if response_length is None:
+            return logits, values
+        return logits[:, :-1], None if values is None else response_slice(values, input_ids.shape[1] - response_length)
+
+    def values(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """(B, L) values from the separate value network alone (without a value head on the policy)."""
+        model = self.value_model.get_base_model() if hasattr(self.value_model, "get_base_model") else self.value_model
+        hidden = getattr(model, model.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return score_head(model)(hidden).squeeze(-1)

@@ -11,6 +11,10 @@ References
     [O22]  Ouyang et al. 2022, Training language models to follow instructions (InstructGPT).
     [H24]  Huang et al. 2024, The N+ Implementation Details of RLHF with PPO.
     [Sch20] Schulman 2020, Approximating KL Divergence (the k1 and k3 estimators).
+    [Sh24]  Shao et al. 2024, DeepSeekMath (GRPO: group-normalised advantages, k3 KL in the loss).
+    [L25]   Liu et al. 2025, Understanding R1-Zero-Like Training (Dr. GRPO: no std division).
+    [A24]   Ahmadian et al. 2024, Back to Basics: REINFORCE-style optimisation (RLOO).
+    [Hu25]  Hu et al. 2025, REINFORCE++ (batch-normalised returns, token-level KL).
 """
 
 from __future__ import annotations
@@ -198,6 +202,65 @@ def value_loss(
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[R - V] / Var[R] over masked tokens: 1 is a perfect value function, <= 0 is none."""
     return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+def moments(x: torch.Tensor, mask: torch.Tensor, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of `x` over the mask. `reduce` sums a tensor over every
+    data-parallel process (identity when None), so the moments are those of the whole batch."""
+    totals = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()])
+    total, squares, n = totals if reduce is None else reduce(totals)
+    mean = total / n
+    return mean, (squares / n - mean**2) * n / (n - 1).clamp(min=1)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage [Sh24]: each score minus its group's mean, divided by the group's std when
+    `scale` (Dr. GRPO [L25] keeps the difference unscaled). scores (B,), prompt-major: rows
+    k*K .. k*K+K-1 answer prompt k. Returns (B,), one advantage per sequence.
+
+        for each group g:  A_i = (r_i - mean(g)) / (std(g) + eps)      (std unbiased, as TRL's)
+    """
+    groups = scores.view(-1, group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(-1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantage [A24]: each score minus the mean of the other K-1 scores of its group.
+    scores (B,), prompt-major as in `group_advantages`; returns (B,).
+
+        A_i = r_i - (sum(g) - r_i) / (K - 1)
+    """
+    groups = scores.view(-1, group_size)
+    others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """(B, T) discounted sums of the rewards from each token to the end of its response: the
+    REINFORCE return of every token [Hu25], 0 where `mask` is 0.
+
+        G[t] = r[t] + gamma * G[t+1]      (G[T] = 0)
+    """
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def kl_loss(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """The KL to the reference as a loss term [Sh24]: the k3 estimate per token [Sch20], averaged
+    over masked tokens (`num_tokens` as in `policy_loss`). Its gradient pulls the policy back
+    towards the reference; GRPO adds it times beta instead of putting the KL in the reward."""
+    n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    return masked_sum(kl_penalty(logprobs, ref_logprobs, "k3"), mask) / n
 
 
 def ranking_pairs(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

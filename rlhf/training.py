@@ -342,3 +342,38 @@ def batches(n: int, batch_size: int, seed: int, start_epoch: int = 0, start_batc
         for i in range(index, len(order)):
             yield epoch, i, order[i]
         epoch, index = epoch + 1, 0
+
+
+def save_trained(out: Path, step: int, model, tokenizer, state: dict, rng: list[dict]) -> Path:
+    """An RL checkpoint of a `PolicyAndValue`: the policy (or its adapters) as `model/`, plus the
+    value network as `value/` or the value head as `value_head.pt` where there is a critic."""
+    path = save_checkpoint(out, step, model.policy, tokenizer, state, rng)
+    if model.value_head is not None:
+        torch.save(model.value_head.state_dict(), path / "value_head.pt")
+    elif model.value_model is not None:
+        model.value_model.save_pretrained(path / "value")
+    return path
+
+
+def load_trained(model, checkpoint: Path) -> None:
+    """Load the trained weights of an RL checkpoint into a freshly built `PolicyAndValue`."""
+    from safetensors.torch import load_file
+
+    def load_into(module, directory: Path):
+        files = sorted(directory.glob("*.safetensors"))
+        weights = {k: v for f in files for k, v in load_file(f).items()}
+        if hasattr(module, "get_base_model"):  # peft: the adapter weights
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(module, weights)
+        else:
+            missing, unexpected = module.load_state_dict(weights, strict=False)
+            tied = set(getattr(module, "_tied_weights_keys", None) or [])
+            if unexpected or set(missing) - tied:
+                raise RuntimeError(f"{directory}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
+
+    load_into(model.policy, checkpoint / "model")
+    if model.value_head is not None:
+        model.value_head.load_state_dict(torch.load(checkpoint / "value_head.pt"))
+    elif model.value_model is not None:
+        load_into(model.value_model, checkpoint / "value")

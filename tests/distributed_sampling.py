@@ -10,13 +10,13 @@ import sys
 import torch
 
 import rlhf  # noqa: F401  (sets the OpenMP wait policy before torch does work)
-from rlhf import ppo
+from rlhf import ppo, rl
 from rlhf.sampling import SamplingConfig
 from rlhf.scoring import RewardSourceConfig
 
 model_dir, prompts, out = sys.argv[1:]
 sampled = []
-rollout = ppo.rollout
+rollout = rl.rollout
 
 
 def recording_rollout(*args, **kwargs):
@@ -25,16 +25,16 @@ def recording_rollout(*args, **kwargs):
     return batch, info
 
 
-ppo.rollout = recording_rollout
+rl.rollout = recording_rollout
 ppo.train(
     ppo.PPOConfig(
         policy=model_dir,
         output_dir=out,
-        prompts=ppo.PromptData(train=[prompts]),
+        prompts=rl.PromptData(train=[prompts]),
         reward=RewardSourceConfig(kind="function", path="conftest:length_reward"),
         generation=SamplingConfig(temperature=1.0, max_new_tokens=8),
         algo=ppo.PPOAlgoConfig(batch_size=8, minibatch_size=8, micro_batch_size=2, epochs=1),
-        stop=ppo.StopConfig(max_steps=1),
+        stop=rl.StopConfig(max_steps=1),
         precision="fp32",
     )
 )

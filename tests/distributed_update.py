@@ -12,7 +12,9 @@ import sys
 import torch
 
 import rlhf  # noqa: F401  (sets the OpenMP wait policy before torch does work)
-from rlhf import ppo, training
+from rlhf import ops, ppo, rl, training
+from rlhf.models import response_slice
+from rlhf.rollout import Rollout
 from rlhf.encoding import pad
 from rlhf.models import load_tokenizer
 from rlhf.scoring import RewardSourceConfig
@@ -23,11 +25,11 @@ config = ppo.PPOConfig(
     policy=model_dir,
     reward=RewardSourceConfig(kind="function", path="unused:unused"),
     algo=ppo.PPOAlgoConfig(batch_size=8, minibatch_size=8, micro_batch_size=2, epochs=1),
-    optim=ppo.PPOOptimConfig(lr=1e-2, schedule="constant"),
+    optim=rl.OptimConfig(lr=1e-2, schedule="constant"),
 )
 tokenizer = load_tokenizer(model_dir)
 torch.manual_seed(0)
-model, reference = ppo.build_models(config, tokenizer, accelerator.device)
+model, reference = rl.build_models(config, ppo.PPO(config), tokenizer, accelerator.device)
 
 # the global batch: 8 prompts, responses of lengths 1..8 ending in EOS, fixed scores
 prompts = [tokenizer(f"User: question number {i} about my refund?\nAssistant:")["input_ids"][: 6 + i] for i in range(8)]
@@ -40,13 +42,13 @@ for row, n in enumerate(lengths):
     responses[row, n:] = tokenizer.pad_token_id
 mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
 scores = torch.randn(8, generator=generator)
-batch = ppo.Rollout(query, query_mask, responses, mask, torch.ones(8, dtype=torch.bool), None, None, None, scores, scores)
+batch = Rollout(query, query_mask, responses, mask, torch.ones(8, dtype=torch.bool), None, None, None, scores, scores)
 model.eval()
 with torch.no_grad():
     logits, values = model(*batch.inputs())
     P = query.shape[1]
-    batch.logprobs = ppo.ops.logprobs_from_logits(ppo.response_slice(logits, P), responses)
-    batch.values = ppo.response_slice(values, P)
+    batch.logprobs = ops.logprobs_from_logits(response_slice(logits, P), responses)
+    batch.values = response_slice(values, P)
     batch.ref_logprobs = batch.logprobs - 0.1 * torch.randn(8, 8, generator=generator)
 
 # this process's share of the rows
@@ -56,9 +58,9 @@ for name in ("query", "query_mask", "responses", "mask", "ended", "logprobs", "r
 
 optimizer, scheduler = training.make_optimizer(model, config.optim, 1)
 model, optimizer = accelerator.prepare(model, optimizer)
-ppo.compute_advantages(batch, 0.05, config, accelerator)
+ppo.PPO(config).advantages(batch, 0.05, lambda t: accelerator.reduce(t, "sum"))
 model.train()
-stats = ppo.ppo_epochs(model, optimizer, scheduler, batch, config, accelerator, False, torch.Generator().manual_seed(2))
+stats = rl.update_epochs(model, ppo.PPO(config), optimizer, scheduler, batch, config, accelerator, False, torch.Generator().manual_seed(2), 0.05)
 if accelerator.is_main_process:
     state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     torch.save({"params": state, "stats": stats}, out)

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import ARCHITECTURES, tiny_causal_lm
-from rlhf import evaluation, ppo, reward, sampling, sft
+from rlhf import evaluation, ppo, reward, rl, sampling, sft
 from rlhf.models import LoraConfig
 from rlhf.sampling import SamplingConfig
 from rlhf.scoring import RewardSourceConfig
@@ -63,10 +63,10 @@ def test_every_stage_runs_and_saves_a_model_plain_transformers_loads(arch, mode,
     monkeypatch.setattr(sampling, "_paths_logged", set())  # said once per model class and process
     with caplog.at_level(logging.INFO, logger="rlhf.sampling"):
         ppo_path = ppo.train(ppo.PPOConfig(
-            policy=str(sft_path), output_dir=str(tmp_path / "ppo"), prompts=ppo.PromptData(train=[str(tiny_prompts)]),
+            policy=str(sft_path), output_dir=str(tmp_path / "ppo"), prompts=rl.PromptData(train=[str(tiny_prompts)]),
             reward=RewardSourceConfig(kind="model", path=str(rm_path)), generation=SHORT,
             algo=ppo.PPOAlgoConfig(batch_size=4, minibatch_size=4, micro_batch_size=4, epochs=1),
-            stop=ppo.StopConfig(max_steps=1), lora=lora, precision="fp32",
+            stop=rl.StopConfig(max_steps=1), lora=lora, precision="fp32",
         ))
         report = evaluation.evaluate(evaluation.EvalConfig(
             reference=str(sft_path), policies=[str(ppo_path)], prompts=[str(tiny_prompts)], num_prompts=4,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QWEN_TEMPLATE, TOPICS, chat_tokenizer, conversation_for, good_reply, write_jsonl
-from rlhf import evaluation, ppo, reward
+from rlhf import evaluation, ppo, reward, rl
 from rlhf.config import ConfigError
 from rlhf.data import Comparison, DataError, Demonstration, Prompt, Rating
 from rlhf.encoding import IGNORE, encode_demonstration, encode_prompt, encode_prompts, render_prompt, use_chat_template
@@ -213,10 +213,10 @@ def test_ppo_and_eval_roll_out_on_the_rendered_conversation(chat_model_dir, tmp_
 
         monkeypatch.setattr(module, name, spy)
     config = ppo.PPOConfig(
-        policy=str(chat_model_dir), output_dir=str(tmp_path / "ppo"), prompts=ppo.PromptData(train=[str(prompts)]),
+        policy=str(chat_model_dir), output_dir=str(tmp_path / "ppo"), prompts=rl.PromptData(train=[str(prompts)]),
         reward=RewardSourceConfig(kind="function", path="test_chat:record_reward"),
         generation=SamplingConfig(max_new_tokens=4), algo=ppo.PPOAlgoConfig(batch_size=4, minibatch_size=4, micro_batch_size=4, epochs=1),
-        stop=ppo.StopConfig(max_steps=1), precision="fp32", chat_template=chat_template,
+        stop=rl.StopConfig(max_steps=1), precision="fp32", chat_template=chat_template,
     )
     RECEIVED.clear()
     ppo.train(config)
@@ -278,7 +278,7 @@ def test_a_chat_template_path_that_does_not_exist_is_refused_before_work(tiny_mo
     stages = [
         ("reward", lambda: reward.validate(reward.RewardConfig(model=model, data=reward.DataConfig(train=["p.jsonl"]), chat_template="x.jinja"), 1)),
         ("ppo", lambda: ppo.validate(ppo.PPOConfig(
-            policy=model, prompts=ppo.PromptData(train=["p.jsonl"]), generation=short,
+            policy=model, prompts=rl.PromptData(train=["p.jsonl"]), generation=short,
             reward=RewardSourceConfig(kind="function", path="conftest:length_reward"), chat_template="x.jinja"), 1)),
         ("eval", lambda: evaluation.validate(evaluation.EvalConfig(reference=model, prompts=["p.jsonl"], generation=short, chat_template="x.jinja"))),
     ]

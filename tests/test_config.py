@@ -205,9 +205,9 @@ def test_a_micro_batch_that_does_not_divide_the_batch_is_refused():
 
 
 def test_a_minibatch_that_does_not_divide_the_rollout_batch_is_refused():
-    from rlhf import ppo
+    from rlhf import ppo, rl
 
-    config = ppo.PPOConfig(policy="unused", prompts=ppo.PromptData(train=["unused.jsonl"]), algo=ppo.PPOAlgoConfig(batch_size=64, minibatch_size=24))
+    config = ppo.PPOConfig(policy="unused", prompts=rl.PromptData(train=["unused.jsonl"]), algo=ppo.PPOAlgoConfig(batch_size=64, minibatch_size=24))
     with pytest.raises(ConfigError, match=r"^ppo.algo.minibatch_size: must divide ppo.algo.batch_size=64, got 24$"):
         ppo.validate(config, 1)
 
@@ -237,17 +237,17 @@ def test_a_local_model_path_that_does_not_exist_fails_fast_naming_it(tmp_path):
 
 def ppo_config(policy, **kwargs):
     """A PPO config that passes `validate` on the tiny model (64 positions) unless kwargs break it."""
-    from rlhf import ppo
+    from rlhf import ppo, rl
     from rlhf.sampling import SamplingConfig
     from rlhf.scoring import RewardSourceConfig
 
     kwargs.setdefault("reward", RewardSourceConfig(kind="function", path="conftest:length_reward"))
     kwargs.setdefault("generation", SamplingConfig(max_new_tokens=16))
-    return ppo.PPOConfig(policy=str(policy), prompts=ppo.PromptData(train=["unused.jsonl"]), **kwargs)
+    return ppo.PPOConfig(policy=str(policy), prompts=rl.PromptData(train=["unused.jsonl"]), **kwargs)
 
 
 def test_max_new_tokens_must_leave_room_for_a_prompt(tiny_model_dir):
-    from rlhf import ppo
+    from rlhf import ppo, rl
     from rlhf.sampling import SamplingConfig
 
     ppo.validate(ppo_config(tiny_model_dir, generation=SamplingConfig(max_new_tokens=63)), 1)
@@ -264,7 +264,7 @@ def test_max_new_tokens_must_leave_room_for_a_prompt(tiny_model_dir):
     ],
 )
 def test_a_reward_function_that_cannot_be_imported_is_named(tiny_model_dir, path, message):
-    from rlhf import ppo
+    from rlhf import ppo, rl
     from rlhf.scoring import RewardSourceConfig
 
     with pytest.raises(ConfigError, match=f"^{message}$"):
@@ -272,7 +272,7 @@ def test_a_reward_function_that_cannot_be_imported_is_named(tiny_model_dir, path
 
 
 def test_a_reward_model_path_that_does_not_exist_is_named(tiny_model_dir, tmp_path):
-    from rlhf import ppo
+    from rlhf import ppo, rl
     from rlhf.scoring import RewardSourceConfig
 
     with pytest.raises(ConfigError, match=rf"^ppo.reward.path: {tmp_path}/reward does not exist"):

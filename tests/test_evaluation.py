@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rlhf import evaluation, ppo
+from rlhf import evaluation, ppo, rl
 from rlhf.sampling import SamplingConfig
 from rlhf.scoring import RewardSourceConfig
 
@@ -22,11 +22,11 @@ def test_win_rate_counts_ties_half():
 def test_report_compares_policies_with_the_oracle(tiny_sft_dir, tiny_prompts, tmp_path):
     run = tmp_path / "ppo"
     config = ppo.PPOConfig(
-        policy=str(tiny_sft_dir), output_dir=str(run), prompts=ppo.PromptData(train=[str(tiny_prompts)]),
+        policy=str(tiny_sft_dir), output_dir=str(run), prompts=rl.PromptData(train=[str(tiny_prompts)]),
         reward=RewardSourceConfig(kind="function", path="conftest:polite_reward"),
         generation=SamplingConfig(temperature=1.0, max_new_tokens=16),
         algo=ppo.PPOAlgoConfig(batch_size=16, minibatch_size=8, micro_batch_size=8, epochs=2),
-        optim=ppo.PPOOptimConfig(lr=1e-3, schedule="constant"), stop=ppo.StopConfig(max_steps=12), precision="fp32",
+        optim=rl.OptimConfig(lr=1e-3, schedule="constant"), stop=rl.StopConfig(max_steps=12), precision="fp32",
     )
     policy = ppo.train(config)
     report = evaluation.evaluate(evaluation.EvalConfig(

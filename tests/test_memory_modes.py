@@ -11,7 +11,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from rlhf import ops, ppo, reward, sft
+from rlhf import ops, ppo, reward, rl, sft
+from rlhf.models import lm_logits, response_slice
+from rlhf.rollout import Rollout, reference_forward
 from rlhf.encoding import pad
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.scoring import RewardSourceConfig
@@ -35,12 +37,12 @@ def ppo_config(tiny_model_dir, checkpointing: bool = False, lora: bool = False, 
     return config
 
 
-def tiny_rollout(tokenizer, generator: torch.Generator) -> ppo.Rollout:
+def tiny_rollout(tokenizer, generator: torch.Generator) -> Rollout:
     """Four prompts with random 8-token responses, no EOS."""
     prompts = [tokenizer(f"User: How do I get help with my order {i}?\nAssistant:")["input_ids"] for i in range(4)]
     query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
     responses = torch.randint(5, 300, (4, 8), generator=generator)
-    return ppo.Rollout(query, query_mask, responses, torch.ones(4, 8, dtype=torch.long), torch.ones(4, dtype=torch.bool))
+    return Rollout(query, query_mask, responses, torch.ones(4, 8, dtype=torch.long), torch.ones(4, dtype=torch.bool))
 
 
 def ppo_gradients(tiny_model_dir, checkpointing: bool, lora: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -48,7 +50,7 @@ def ppo_gradients(tiny_model_dir, checkpointing: bool, lora: bool) -> tuple[torc
     config = ppo_config(tiny_model_dir, checkpointing, lora)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     torch.manual_seed(0)
-    model, _ = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model, _ = rl.build_models(config, ppo.PPO(config), tokenizer, torch.device("cpu"))
     assert checkpointed(model) == checkpointing
     generator = torch.Generator().manual_seed(3)
     batch = tiny_rollout(tokenizer, generator)
@@ -56,9 +58,9 @@ def ppo_gradients(tiny_model_dir, checkpointing: bool, lora: bool) -> tuple[torc
     with torch.no_grad():
         logits, values = model(*batch.inputs())
     P = batch.query.shape[1]
-    batch.logprobs = ops.logprobs_from_logits(ppo.response_slice(logits, P), batch.responses) + 0.05 * torch.randn(4, 8, generator=generator)
-    batch.ref_logprobs, batch.values = batch.logprobs - 0.1, ppo.response_slice(values, P)
-    ppo.compute_advantages(batch, 0.05, config, Accelerator(cpu=True))
+    batch.logprobs = ops.logprobs_from_logits(response_slice(logits, P), batch.responses) + 0.05 * torch.randn(4, 8, generator=generator)
+    batch.ref_logprobs, batch.values = batch.logprobs - 0.1, response_slice(values, P)
+    ppo.PPO(config).advantages(batch, 0.05, None)
     model.train()
     # Inside a checkpointed block, checkpointing's own hook takes the place of this one: what
     # reaches `keep` is what stays in memory until the backward pass.
@@ -69,7 +71,7 @@ def ppo_gradients(tiny_model_dir, checkpointing: bool, lora: bool) -> tuple[torc
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        loss, _ = ppo.ppo_loss(model, batch, torch.arange(4), config, batch.mask.sum(), bf16=False)
+        loss, _ = rl.minibatch_loss(model, ppo.PPO(config), batch, torch.arange(4), config, batch.mask.sum(), 0.05, False)
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}, sum(kept)
 
@@ -119,9 +121,9 @@ def test_sft_and_reward_train_the_same_with_gradient_checkpointing(tiny_model_di
 def test_lora_reference_is_the_policy_with_adapters_off_and_no_second_copy(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     base = load_causal_lm(str(tiny_model_dir), tokenizer).eval()
-    full_model, full_reference = ppo.build_models(ppo_config(tiny_model_dir), tokenizer, torch.device("cpu"))
+    full_model, full_reference = rl.build_models(ppo_config(tiny_model_dir), ppo.PPO(ppo_config(tiny_model_dir)), tokenizer, torch.device("cpu"))
     config = ppo_config(tiny_model_dir, lora=True)
-    model, reference = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model, reference = rl.build_models(config, ppo.PPO(config), tokenizer, torch.device("cpu"))
     assert reference is None
     # Full: policy, value network and a whole second policy as the reference. LoRA: policy and
     # value network plus their adapters (and PEFT's trainable copy of the value head), no reference.
@@ -139,10 +141,10 @@ def test_lora_reference_is_the_policy_with_adapters_off_and_no_second_copy(tiny_
     batch = tiny_rollout(tokenizer, generator)
     model.eval()
     with torch.no_grad():
-        ppo.reference_forward(model.policy, reference, batch, config, torch.device("cpu"), bf16=False)
+        reference_forward(model.policy, reference, batch, config.generation.temperature, config.algo.micro_batch_size, torch.device("cpu"), False)
         T, temperature = batch.responses.shape[1], config.generation.temperature
-        expected = ops.logprobs_from_logits(ppo.lm_logits(base, *batch.inputs(), T), batch.responses, temperature)
-        policy = ops.logprobs_from_logits(ppo.lm_logits(model.policy, *batch.inputs(), T), batch.responses, temperature)
+        expected = ops.logprobs_from_logits(lm_logits(base, *batch.inputs(), T), batch.responses, temperature)
+        policy = ops.logprobs_from_logits(lm_logits(model.policy, *batch.inputs(), T), batch.responses, temperature)
     torch.testing.assert_close(batch.ref_logprobs, expected, atol=1e-5, rtol=1e-5)
     assert (policy - expected).abs().max() > 1e-2
 
@@ -153,7 +155,7 @@ def test_value_head_on_the_policy_is_one_linear_layer_on_its_trunk(tiny_model_di
     batch = tiny_rollout(tokenizer, torch.Generator().manual_seed(7))
     trunk_passes = {}
     for head_on_policy in (False, True):
-        model, _ = ppo.build_models(ppo_config(tiny_model_dir, head_on_policy=head_on_policy), tokenizer, torch.device("cpu"))
+        model, _ = rl.build_models(ppo_config(tiny_model_dir, head_on_policy=head_on_policy), ppo.PPO(ppo_config(tiny_model_dir, head_on_policy=head_on_policy)), tokenizer, torch.device("cpu"))
         calls = []
         for module in model.modules():
             if type(module).__name__ == "GPT2Model":

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from rlhf import ppo
+from rlhf import ppo, rl
+from rlhf.rollout import Rollout, score
 from rlhf.encoding import pad
 from rlhf.models import load_causal_lm, load_tokenizer, position_ids
 from rlhf.sampling import SamplingConfig, response_logprobs
@@ -25,12 +26,12 @@ def make_config(policy, prompts, out, **stop) -> ppo.PPOConfig:
     return ppo.PPOConfig(
         policy=str(policy),
         output_dir=str(out),
-        prompts=ppo.PromptData(train=[str(prompts)]),
+        prompts=rl.PromptData(train=[str(prompts)]),
         reward=RewardSourceConfig(kind="function", path="conftest:polite_reward"),
         generation=SamplingConfig(temperature=1.0, max_new_tokens=8),
         algo=ppo.PPOAlgoConfig(batch_size=16, minibatch_size=8, micro_batch_size=4, epochs=2),
-        optim=ppo.PPOOptimConfig(lr=1e-3, schedule="constant"),
-        stop=ppo.StopConfig(**{"max_steps": 4, **stop}),
+        optim=rl.OptimConfig(lr=1e-3, schedule="constant"),
+        stop=rl.StopConfig(**{"max_steps": 4, **stop}),
         precision="fp32",
         save_every=2,
     )
@@ -52,12 +53,12 @@ def test_left_padding_does_not_change_logprobs(tiny_model_dir):
 def test_rollout_logprobs_and_values_belong_to_the_right_positions(tiny_model_dir, tiny_prompts, tmp_path):
     config = make_config(tiny_model_dir, tiny_prompts, tmp_path)
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    model, reference = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model, reference = rl.build_models(config, ppo.PPO(config), tokenizer, torch.device("cpu"))
     model.eval()
     prompts = [tokenizer("User: hi\nAssistant:")["input_ids"], tokenizer("User: How do I get help with my refund?\nAssistant:")["input_ids"]]
     torch.manual_seed(0)
     source = load_reward_source(config.reward)
-    batch, _ = ppo.rollout(model, reference, prompts, ["a", "b"], source, config, tokenizer, torch.device("cpu"), False)
+    batch, _ = rl.rollout(model, reference, prompts, ["a", "b"], source, config, tokenizer, torch.device("cpu"), False)
     for row, prompt in enumerate(prompts):
         # state before response token 0 is the prompt alone: its last position's outputs
         ids = torch.tensor([prompt])
@@ -146,7 +147,7 @@ def stays_stopped_until_lifted(config: ppo.PPOConfig, out, caplog, guard: str) -
     metrics, reason = (out / "metrics.jsonl").read_text(), (out / "stop_reason.txt").read_text()
     config.resume = True
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="rlhf.ppo"):
+    with caplog.at_level(logging.INFO, logger="rlhf.rl"):
         ppo.train(config)
     assert "already stopped" in caplog.text and reason.strip() in caplog.text
     assert (out / "metrics.jsonl").read_text() == metrics and (out / "stop_reason.txt").read_text() == reason
@@ -165,7 +166,7 @@ def terse(config: ppo.PPOConfig) -> ppo.PPOConfig:
 def test_a_reward_for_brevity_collapses_the_responses_and_the_collapse_guard_stops_it_for_good(tiny_sft_dir, tiny_prompts, tmp_path, caplog):
     config = terse(make_config(tiny_sft_dir, tiny_prompts, tmp_path, max_steps=14, min_distinct=45))
     config.save_every = 1
-    with caplog.at_level(logging.WARNING, logger="rlhf.ppo"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.rl"):
         ppo.train(config)
     metrics = read_metrics(tmp_path)
     distinct = [m["diversity/distinct_per_100"] for m in metrics]
@@ -190,7 +191,7 @@ def test_a_reward_models_band_flags_steps_whose_mean_score_is_above_it(tiny_mode
     rm = constant_reward_model(tiny_model_dir, tmp_path / "rm", 1.0, band)
     config = make_config(tiny_model_dir, tiny_prompts, tmp_path / "run", max_steps=1)
     config.reward, config.algo.missing_eos_penalty = RewardSourceConfig(kind="model", path=str(rm)), 0.0
-    with caplog.at_level(logging.WARNING, logger="rlhf.ppo"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.rl"):
         ppo.train(config)
     (metrics,) = read_metrics(tmp_path / "run")
     assert metrics["score/mean"] == pytest.approx(1.0) and metrics["score/above_band"] == float(above)
@@ -200,7 +201,7 @@ def test_a_reward_models_band_flags_steps_whose_mean_score_is_above_it(tiny_mode
 def test_warm_up_counts_optimiser_updates_and_the_logged_rate_is_the_one_used(tiny_model_dir, tiny_prompts, tmp_path):
     config = make_config(tiny_model_dir, tiny_prompts, tmp_path, max_steps=3)
     config.algo.epochs = 1  # 16 rollouts in minibatches of 8: two updates a step, six in all
-    config.optim = ppo.PPOOptimConfig(lr=1e-3, warmup_steps=4, schedule="linear")
+    config.optim = rl.OptimConfig(lr=1e-3, warmup_steps=4, schedule="linear")
     ppo.train(config)
     # The updates run at 0, 1/4, 2/4, 3/4 of lr (warm-up), then decay linearly over the last
     # two: (6 - 4) / 2 = 1 and (6 - 5) / 2 = 1/2. Each step logs the mean of its two.
@@ -216,13 +217,13 @@ def test_the_training_pass_at_the_sampling_temperature_reproduces_the_sampled_lo
     config = make_config(tiny_model_dir, tiny_prompts, tmp_path)
     config.generation = SamplingConfig(temperature=0.6, max_new_tokens=12)
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    model, reference = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model, reference = rl.build_models(config, ppo.PPO(config), tokenizer, torch.device("cpu"))
     model.eval()
     prompts = [tokenizer(f"User: {w}\nAssistant:")["input_ids"] for w in ("hi", "refund please", "where is my invoice", "help")]
     source = load_reward_source(config.reward)
-    batch, _ = ppo.rollout(model, reference, prompts, ["p"] * 4, source, config, tokenizer, torch.device("cpu"), False, torch.Generator().manual_seed(0))
-    ppo.compute_advantages(batch, 0.05, config, training.make_accelerator())
-    _, stats = ppo.ppo_loss(model, batch, torch.arange(4), config, batch.mask.sum(), False)
+    batch, _ = rl.rollout(model, reference, prompts, ["p"] * 4, source, config, tokenizer, torch.device("cpu"), False, torch.Generator().manual_seed(0))
+    ppo.PPO(config).advantages(batch, 0.05, None)
+    _, stats = rl.minibatch_loss(model, ppo.PPO(config), batch, torch.arange(4), config, batch.mask.sum(), 0.05, False)
     assert stats["policy/approx_kl"].item() < 1e-9 and stats["policy/clipfrac"].item() == 0.0
 
 
@@ -232,12 +233,12 @@ def test_the_missing_eos_penalty_replaces_the_score_of_responses_without_eos(tin
     tokenizer = load_tokenizer(str(tiny_model_dir))
     words = tokenizer(" refund", add_special_tokens=False)["input_ids"] * 3
     responses = torch.tensor([words + [tokenizer.eos_token_id], words + words[:1]])
-    batch = ppo.Rollout(responses[:, :1], torch.ones(2, 1, dtype=torch.long), responses, torch.ones_like(responses), torch.tensor([True, False]))
-    completions = ppo.score(batch, ["p", "p"], load_reward_source(config.reward), tokenizer, config)
+    batch = Rollout(responses[:, :1], torch.ones(2, 1, dtype=torch.long), responses, torch.ones_like(responses), torch.tensor([True, False]))
+    completions = score(batch, ["p", "p"], load_reward_source(config.reward), tokenizer, config.algo.missing_eos_penalty, config.algo.score_clip)
     assert completions == [" refund refund refund", " refund refund refund refund"]
     assert batch.raw_scores.tolist() == [21.0, 28.0] and batch.scores.tolist() == [21.0, -1.0]
     config.algo.missing_eos_penalty, config.algo.score_clip = 0.0, 25.0  # penalty off; clipping on
-    ppo.score(batch, ["p", "p"], load_reward_source(config.reward), tokenizer, config)
+    score(batch, ["p", "p"], load_reward_source(config.reward), tokenizer, config.algo.missing_eos_penalty, config.algo.score_clip)
     assert batch.scores.tolist() == [21.0, 25.0]
 
 
@@ -247,10 +248,10 @@ def test_a_rollout_ends_at_the_chat_templates_end_of_turn(turn_end_model_dir, tm
     config = make_config(turn_end_model_dir, tmp_path / "unused.jsonl", tmp_path)
     config.reward.path = "conftest:length_reward"
     tokenizer = load_tokenizer(str(turn_end_model_dir))
-    model, reference = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model, reference = rl.build_models(config, ppo.PPO(config), tokenizer, torch.device("cpu"))
     model.eval()
     prompts = [tokenizer(text)["input_ids"] for text in (turn_end_prompt("thanks"), turn_end_prompt("hello").rstrip("\n"))]
-    batch, info = ppo.rollout(model, reference, prompts, ["p"] * 2, load_reward_source(config.reward), config, tokenizer, torch.device("cpu"), False)
+    batch, info = rl.rollout(model, reference, prompts, ["p"] * 2, load_reward_source(config.reward), config, tokenizer, torch.device("cpu"), False)
     turn_end, hello, pad_id = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("hello"), tokenizer.pad_token_id
     assert batch.responses.tolist() == [[turn_end, pad_id], [hello, turn_end]]
     assert batch.ended.all() and batch.mask.tolist() == [[1, 0], [1, 1]]
@@ -294,7 +295,7 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, tiny_promp
     config = make_config(tiny_model_dir, tiny_prompts, tmp_path, max_steps=3)
     config.lora.enabled, config.lora.r = True, 4
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    model, reference = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model, reference = rl.build_models(config, ppo.PPO(config), tokenizer, torch.device("cpu"))
     assert reference is None
     assert sum(p.numel() for p in model.policy.parameters() if p.requires_grad) < 0.2 * sum(p.numel() for p in model.policy.parameters())
     path = ppo.train(config)
@@ -314,7 +315,7 @@ def test_a_separate_reference_is_the_one_the_kl_is_measured_to(tiny_model_dir, t
         config = make_config(tiny_sft_dir, tiny_prompts, tmp_path / name, max_steps=1)
         config.reference, config.lora.enabled, config.lora.r = reference, lora, 4
         tokenizer = load_tokenizer(str(tiny_sft_dir))
-        model, ref = ppo.build_models(config, tokenizer, torch.device("cpu"))
+        model, ref = rl.build_models(config, ppo.PPO(config), tokenizer, torch.device("cpu"))
         assert (ref is None) == (lora and not reference)
         ppo.train(config)
         kls[name] = read_metrics(tmp_path / name)[0]["kl/sequence"]

@@ -11,13 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf import ops, ppo
+from rlhf import ops, ppo, rl
+from rlhf.models import response_slice
+from rlhf.rollout import Rollout
 from rlhf.encoding import pad
 from rlhf.models import load_tokenizer
 from rlhf.scoring import RewardSourceConfig
 
 
-def fixed_batch(model, tokenizer, config) -> ppo.Rollout:
+def fixed_batch(model, tokenizer, config) -> Rollout:
     prompts = [tokenizer(f"User: How do I get help with my order {i}?\nAssistant:")["input_ids"] for i in range(6)]
     query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
     generator = torch.Generator().manual_seed(3)
@@ -25,16 +27,16 @@ def fixed_batch(model, tokenizer, config) -> ppo.Rollout:
     mask = torch.ones(6, 10, dtype=torch.long)
     mask[::2, 7:] = 0
     scores = torch.randn(6, generator=generator)
-    batch = ppo.Rollout(query, query_mask, responses, mask, torch.ones(6, dtype=torch.bool), None, None, None, scores, scores)
+    batch = Rollout(query, query_mask, responses, mask, torch.ones(6, dtype=torch.bool), None, None, None, scores, scores)
     with torch.no_grad():
         logits, values = model(*batch.inputs())
     P = query.shape[1]
-    batch.logprobs = ops.logprobs_from_logits(ppo.response_slice(logits, P), responses) + 0.05 * torch.randn(6, 10, generator=generator)
+    batch.logprobs = ops.logprobs_from_logits(response_slice(logits, P), responses) + 0.05 * torch.randn(6, 10, generator=generator)
     batch.ref_logprobs = batch.logprobs - 0.1
-    batch.values = ppo.response_slice(values, P)
+    batch.values = response_slice(values, P)
     from accelerate import Accelerator
 
-    ppo.compute_advantages(batch, 0.05, config, Accelerator(cpu=True))
+    ppo.PPO(config).advantages(batch, 0.05, None)
     return batch
 
 
@@ -43,12 +45,12 @@ def test_ppo_loss_in_bf16_matches_fp32(tiny_sft_dir):
     config.generation.temperature = 1.0
     tokenizer = load_tokenizer(str(tiny_sft_dir))
     torch.manual_seed(0)
-    model, _ = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model, _ = rl.build_models(config, ppo.PPO(config), tokenizer, torch.device("cpu"))
     model.eval()
     batch = fixed_batch(model, tokenizer, config)
     rows, n = torch.arange(6), batch.mask.sum()
-    loss32, stats32 = ppo.ppo_loss(model, batch, rows, config, n, bf16=False)
-    loss16, stats16 = ppo.ppo_loss(model, batch, rows, config, n, bf16=True)
+    loss32, stats32 = rl.minibatch_loss(model, ppo.PPO(config), batch, rows, config, n, 0.05, False)
+    loss16, stats16 = rl.minibatch_loss(model, ppo.PPO(config), batch, rows, config, n, 0.05, True)
     print({k: (round(stats32[k].item(), 5), round(stats16[k].item(), 5)) for k in stats32}, loss32.item(), loss16.item())
     assert loss16.dtype == torch.float32
     assert loss16.item() == pytest.approx(loss32.item(), rel=0.02, abs=0.02)
@@ -58,6 +60,6 @@ def test_ppo_loss_in_bf16_matches_fp32(tiny_sft_dir):
         logits16, _ = model(*batch.inputs())
     logits32, _ = model(*batch.inputs())
     P = batch.query.shape[1]
-    lp16 = ops.logprobs_from_logits(ppo.response_slice(logits16, P), batch.responses)
-    lp32 = ops.logprobs_from_logits(ppo.response_slice(logits32, P), batch.responses)
+    lp16 = ops.logprobs_from_logits(response_slice(logits16, P), batch.responses)
+    lp32 = ops.logprobs_from_logits(response_slice(logits32, P), batch.responses)
     assert (lp16 - lp32).abs().max().item() < 0.05

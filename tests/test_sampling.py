@@ -359,23 +359,26 @@ def test_restrict_keeps_the_top_k_then_the_nucleus():
 def test_ppo_takes_the_sampled_logprobs_in_fp32_and_recomputes_them_under_bf16(tiny_model_dir, bf16):
     # Checklist item 18: the old log-probs are those of the policy that sampled, recomputed in
     # the training pass's precision when sampling ran in another (sampling stays in fp32).
-    from rlhf import ops, ppo, training
-    from rlhf.models import load_tokenizer
+    from rlhf import ops, ppo, rl, training
+    from rlhf.models import load_tokenizer, response_slice
+    from rlhf.rollout import LocalEngine, generate, policy_forward
     from rlhf.scoring import RewardSourceConfig
 
     config = ppo.PPOConfig(policy=str(tiny_model_dir), reward=RewardSourceConfig(kind="function", path="conftest:length_reward"))
     config.generation = SamplingConfig(temperature=0.7, max_new_tokens=8)
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    model, _ = ppo.build_models(config, tokenizer, torch.device("cpu"))
+    model, _ = rl.build_models(config, ppo.PPO(config), tokenizer, torch.device("cpu"))
     model.eval()
     batch = [tokenizer("User: hi\nAssistant:")["input_ids"], tokenizer("User: How do I get help with my refund?\nAssistant:")["input_ids"]]
     torch.manual_seed(0)
     sampled = sample_with_logprobs(model.policy, batch, tokenizer.pad_token_id, stop_token_ids(tokenizer, model.policy), config.generation)
     torch.manual_seed(0)
-    rollout = ppo.generate(model.policy, batch, tokenizer, config, torch.device("cpu"), bf16)
+    stop_ids = stop_token_ids(tokenizer, model.policy)
+    engine = LocalEngine(model.policy, tokenizer.pad_token_id, stop_ids, config.generation, bf16)
+    rollout = generate(engine, batch, tokenizer.pad_token_id, stop_ids, torch.device("cpu"))
     policy_calls = []
     model.policy.register_forward_hook(lambda *args: policy_calls.append(1))
-    ppo.policy_and_value_forward(model, rollout, config, torch.device("cpu"), bf16)
+    policy_forward(model, rollout, config.generation.temperature, config.algo.micro_batch_size, torch.device("cpu"), bf16)
     assert torch.equal(rollout.responses, sampled.responses)
     if not bf16:
         assert torch.equal(rollout.logprobs, sampled.logprobs) and not policy_calls  # no second policy pass
@@ -383,6 +386,6 @@ def test_ppo_takes_the_sampled_logprobs_in_fp32_and_recomputes_them_under_bf16(t
         ids, attention, positions = rollout.inputs()
         with torch.no_grad(), training.autocast(torch.device("cpu"), True):
             logits = model.policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
-        recomputed = ops.logprobs_from_logits(ppo.response_slice(logits, rollout.query.shape[1]), rollout.responses, 0.7)
+        recomputed = ops.logprobs_from_logits(response_slice(logits, rollout.query.shape[1]), rollout.responses, 0.7)
         assert policy_calls and torch.equal(rollout.logprobs, recomputed)
         assert not torch.allclose(rollout.logprobs * rollout.mask, sampled.logprobs * rollout.mask, atol=1e-4)
