@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rlhf import evaluation, ppo, reward, sft, training
 from rlhf.evaluation import EvalConfig
+from rlhf.grpo import GRPOConfig
 from rlhf.loop import LoopConfig
 from rlhf.ppo import PPOConfig
 from rlhf.reward import RewardConfig
@@ -36,6 +37,7 @@ class Recipe:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
 
@@ -66,6 +68,10 @@ def run_stage(recipe: Recipe, stage: str) -> Path:
         from rlhf import ppo
 
         return ppo.train(recipe.ppo)
+    if stage == "grpo":
+        from rlhf import grpo
+
+        return grpo.train(recipe.grpo)
     if stage == "eval":
         from rlhf import evaluation
 

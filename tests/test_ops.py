@@ -209,3 +209,74 @@ def test_eos_mask_off_by_one():
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     rewards, _ = ops.kl_shaped_rewards(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3, 4), torch.zeros(3, 4), mask.float(), beta=0.1)
     assert rewards.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [3.0, 0.0, 0.0, 0.0]]
+
+
+# ---------------------------------------------------------------- critic-free estimators
+
+
+def test_group_advantages_hand_computed():
+    # group 1: mean 3, unbiased std sqrt((4 + 1 + 0 + 9) / 3) = 2.1602469; group 2: all equal
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    std = math.sqrt(14 / 3) + 1e-4
+    assert_close(ops.group_advantages(scores, 4), [-2 / std, -1 / std, 0.0, 3 / std, 0.0, 0.0, 0.0, 0.0], atol=1e-6)
+    assert_close(ops.group_advantages(scores, 4, scale=False), [-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0])  # Dr. GRPO
+    assert_close(ops.group_advantages(torch.tensor([1.0, 3.0, 10.0, 20.0]), 2, scale=False), [-1.0, 1.0, -5.0, 5.0])
+
+
+def test_leave_one_out_advantages_hand_computed():
+    # 1 - (2 + 3 + 6) / 3, 2 - (1 + 3 + 6) / 3, 3 - (1 + 2 + 6) / 3, 6 - (1 + 2 + 3) / 3
+    assert_close(ops.leave_one_out_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), 4), [-8 / 3, -4 / 3, 0.0, 4.0], atol=1e-6)
+    assert_close(ops.leave_one_out_advantages(torch.tensor([1.0, 3.0, 7.0, 7.0]), 2), [-2.0, 2.0, 0.0, 0.0])
+
+
+def test_group_estimators_match_a_slow_loop_on_random_scores():
+    generator = torch.Generator().manual_seed(0)
+    scores, K = torch.randn(24, generator=generator), 6
+    for g in range(0, 24, K):
+        group = scores[g : g + K].tolist()
+        mean = sum(group) / K
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (K - 1))
+        for i, x in enumerate(group):
+            others = (sum(group) - x) / (K - 1)
+            assert ops.group_advantages(scores, K)[g + i].item() == pytest.approx((x - mean) / (std + 1e-4), abs=1e-5)
+            assert ops.leave_one_out_advantages(scores, K)[g + i].item() == pytest.approx(x - others, abs=1e-5)
+
+
+def test_returns_to_go_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])  # the 9 is after the response: it counts for nothing
+    assert_close(ops.returns_to_go(rewards, mask), [[6.0, 5.0, 3.0, 0.0]])
+    assert_close(ops.returns_to_go(rewards, mask, gamma=0.5), [[1 + 0.5 * (2 + 0.5 * 3), 2 + 0.5 * 3, 3.0, 0.0]])
+
+
+def test_returns_to_go_match_a_slow_loop_on_random_batches():
+    generator = torch.Generator().manual_seed(1)
+    rewards = torch.randn(5, 7, generator=generator)
+    lengths = [7, 3, 1, 5, 6]
+    mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+    returns = ops.returns_to_go(rewards, mask, gamma=0.9)
+    for b, n in enumerate(lengths):
+        for t in range(7):
+            expected = sum(0.9 ** (u - t) * rewards[b, u].item() for u in range(t, n)) if t < n else 0.0
+            assert returns[b, t].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_kl_loss_hand_computed():
+    # log pi = log 0.5, log pi_ref = log 0.25: k3 = 0.25 / 0.5 - 1 - log(0.25 / 0.5) = -0.5 + log 2
+    logprobs, ref = torch.tensor([[math.log(0.5), math.log(0.5)]]), torch.tensor([[math.log(0.25), math.log(0.5)]])
+    assert ops.kl_loss(logprobs, ref, torch.tensor([[1, 1]])).item() == pytest.approx((-0.5 + math.log(2)) / 2, abs=1e-6)
+    assert ops.kl_loss(logprobs, ref, torch.tensor([[1, 0]]), num_tokens=4).item() == pytest.approx((-0.5 + math.log(2)) / 4, abs=1e-6)
+
+
+def test_moments_of_shards_reduced_are_those_of_the_whole():
+    x, mask = torch.tensor([[1.0, 2.0, 3.0], [4.0, 10.0, 0.0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    mean, var = ops.moments(x, mask)
+    assert mean.item() == pytest.approx(4.0) and var.item() == pytest.approx((9 + 4 + 1 + 0 + 36) / 4)
+    totals = {}
+
+    def reduce(t):  # the sums of both shards, as an all-reduce would give every process
+        return totals["other"] + t
+
+    totals["other"] = torch.stack([(x[1:] * mask[1:]).sum(), (x[1:] ** 2 * mask[1:]).sum(), mask[1:].sum()])
+    shard_mean, shard_var = ops.moments(x[:1], mask[:1], reduce)
+    assert shard_mean.item() == pytest.approx(4.0) and shard_var.item() == pytest.approx(12.5)
