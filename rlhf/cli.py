@@ -10,6 +10,7 @@
     rlhf label    serve | add-labeler | export      (the human feedback web app)
     rlhf pipeline recipes/demo.yaml [section.key=value ...]
     rlhf loop     recipes/demo-loop.yaml [section.key=value ...]   (rounds of labels, reward model, PPO)
+    rlhf compare  recipes/demo.yaml [compare.seeds=[0,1,2] ...]     (every algorithm, equal budget, one report)
     rlhf loop     status|continue runs/demo-loop
     rlhf bench    [--size tiny|small] [--precision fp32|bf16] [--new-tokens 32] [--batch 16]
     rlhf demo data --out DIR          rlhf demo base --out DIR
@@ -131,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("recipe", help="recipe YAML file")
     pipeline.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
+    compare = subparsers.add_parser(
+        "compare", help="run PPO, GRPO, RLOO, REINFORCE++ and DPO on one recipe at an equal budget, 3 seeds, one report",
+        epilog=_section_help("compare"), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("recipe", help="recipe YAML file")
+    compare.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
     loop = subparsers.add_parser(
         "loop", help="iterate: sample, label, update the reward model, PPO, evaluate, round after round",
         epilog="rlhf loop RECIPE [section.key=value ...]   run or continue the rounds\n"
@@ -183,6 +191,12 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "pipeline":
         report = pipeline.run(load_recipe(_recipe_class(), args.recipe, args.overrides))
         print(f"\nreport: {report}")
+    elif args.command == "compare":
+        from rlhf import compare
+
+        recipe = load_recipe(_recipe_class(), args.recipe, args.overrides)
+        pipeline.prepare(recipe)
+        print(f"\ncomparison report: {compare.run(recipe)}")
     elif args.command == "loop":
         from rlhf import loop
 

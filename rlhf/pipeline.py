@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf import evaluation, ppo, reward, sft, training
+from rlhf.compare import CompareConfig
 from rlhf.evaluation import EvalConfig
 from rlhf.grpo import GRPOConfig
 from rlhf.loop import LoopConfig
@@ -40,6 +41,7 @@ class Recipe:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 STAGES = ("sft", "reward", "ppo", "eval")
