@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QWEN_TEMPLATE, TOPICS, chat_tokenizer, conversation_for, good_reply, write_jsonl
-from rlhf import evaluation, ppo, reward, rl
+from rlhf import evaluation, ppo, reward, rl, rollout
 from rlhf.config import ConfigError
 from rlhf.data import Comparison, DataError, Demonstration, Prompt, Rating
 from rlhf.encoding import IGNORE, encode_demonstration, encode_prompt, encode_prompts, render_prompt, use_chat_template
@@ -203,7 +203,7 @@ def test_ppo_and_eval_roll_out_on_the_rendered_conversation(chat_model_dir, tmp_
     tokenizer = load_tokenizer(str(chat_model_dir))
     generation_prompt = tokenizer(GENERATION_PROMPT if chat_template == "auto" else "\nAssistant:", add_special_tokens=False)["input_ids"]
     seen: dict[str, list] = {"ppo": [], "eval": []}
-    for module, key in ((ppo, "ppo"), (evaluation, "eval")):
+    for module, key in ((rollout, "ppo"), (evaluation, "eval")):
         name = "sample_with_logprobs"
         original = getattr(module, name)
 
