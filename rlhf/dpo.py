@@ -270,7 +270,6 @@ def train(config: DPOConfig) -> Path:
         # The reference: the policy as it starts, or with adapters off under LoRA. A full-weight
         # run resumed from a checkpoint has moved on, so the reference is loaded for this pass.
         reference = load(config.policy).to(device) if checkpoint is not None and not config.lora.enabled else model
-        dropout_off(reference)
         reference_logprobs(reference, examples + held_out, pad_id, batch, device, bf16, adapters_off=config.lora.enabled)
         del reference
 

@@ -210,6 +210,21 @@ def test_rankings_and_ratings_become_pairs_and_each_record_weighs_once(tiny_mode
     assert stats["rewards/accuracies"].item() == pytest.approx((2 / 3 + 1 + 1) / 4, abs=1e-6)
 
 
+def test_simpo_averages_log_probs_over_each_completions_tokens(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), tokenizer).eval()
+    record = Comparison(prompt_for("refund"), [" Refunds reach your card within five days.", " No."], "a:1")
+    example = dpo.encode_comparison(tokenizer, record, 64)
+    completions = [s[example.prompt_length :] for s in example.sequences]
+    assert [len(c) for c in completions] == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in record.completions]  # + EOS
+    chosen, rejected = (slow_completion_logprob(model, example.sequences[0][: example.prompt_length], c) / len(c) for c in completions)
+    beta, gamma = 2.0, 0.5
+    with torch.no_grad():
+        loss, stats = dpo.batch_loss(model, [example], tokenizer.pad_token_id, "cpu", dpo.LossConfig("simpo", beta, gamma), n_global=1)
+    assert loss.item() == pytest.approx(-log_sigmoid(beta * (chosen - rejected) - gamma), abs=1e-5)
+    assert stats["rewards/chosen"].item() == pytest.approx(beta * chosen, abs=1e-5)  # no reference: ref_logps never read
+
+
 # ---------------------------------------------------------------- the reference
 
 
@@ -409,3 +424,17 @@ def test_conversational_pairs_train(chat_model_dir, tmp_path):
     records = load_feedback([str(tmp_path / "train.jsonl")])
     assert isinstance(records[0].prompt, list)
 
+
+def test_bench_times_a_dpo_step_beside_the_reward_models(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "rlhf", "bench", "--batch", "2", "--prompt-tokens", "4", "--new-tokens", "4",
+               "--iterations", "1", "--warmup", "0", "--stages", "reward", "dpo", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    reward_line = next(i for i, line in enumerate(lines) if line.startswith("reward model step (full)"))
+    assert lines[reward_line + 1].startswith("DPO step (full)") and "pairs/s" in lines[reward_line + 1] and "tokens/s" in lines[reward_line + 1]
+    dpo_result = json.loads(out.read_text())["dpo"]["full"]
+    # 2 pairs of prompt (2 to 4 tokens) + 4 new tokens + EOS, 2 sequences each
+    assert dpo_result["pairs_per_s"] > 0 and dpo_result["gflop"] > 0
+    assert 2 * 2 * (2 + 5) <= dpo_result["tokens_per_s"] * dpo_result["step_s"]["median"] <= 2 * 2 * (4 + 5)
