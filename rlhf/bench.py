@@ -4,6 +4,7 @@
     rlhf bench --size small --precision bf16
     rlhf bench --new-tokens 128 --batch 64        # longer responses, larger batches
     rlhf bench --stages ppo --modes full lora value-head checkpointing   # peak memory per mode
+    rlhf bench --stages reward dpo                # DPO pairs/s beside the reward model's
     rlhf bench --json bench.json                  # the results as JSON in a file as well
 
 The models are GPT-2-style, randomly initialised with a fixed seed and built here (no hub):
@@ -21,6 +22,10 @@ FLOPs are counted once per phase with `torch.utils.flop_counter` (matrix product
 attention) and divided by the phase's median time; the matrix-product peak beside them is the
 best of a few square `torch.mm` in fp32 and in bf16, measured at the start of the same run.
 Every (stage, mode) runs in a fresh process, so the peak resident memory it reports is its own.
+
+A DPO step (`dpo.batch_loss`) trains the policy on the reward model's pairs, the same prompts and
+completions, so its pairs/s stand beside the reward model's; the reference log-probs are computed
+before the timed steps, once, as `rlhf dpo` does before training.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from rlhf.config import NonNegativeInt, PositiveInt
 
 SIZES = {"tiny": (4, 256), "small": (8, 512)}  # (layers, width); heads of 64 dimensions
 VOCAB = 4096
-STAGES = ("ppo", "reward", "sft")
+STAGES = ("ppo", "reward", "dpo", "sft")
 MODES = ("full", "lora", "value-head", "checkpointing")
 CHOICES = {"size": list(SIZES), "precision": ["fp32", "bf16"], "stages": list(STAGES), "modes": list(MODES)}
 
@@ -57,17 +62,17 @@ class BenchConfig:
     precision: str = "fp32"
     """fp32, or bf16 autocast as the stages run it."""
     batch: PositiveInt = 16
-    """Prompts per PPO iteration; pairs per reward-model step; sequences per SFT step."""
+    """Prompts per PPO iteration; pairs per reward-model and DPO step; sequences per SFT step."""
     prompt_tokens: PositiveInt = 16
     """Longest prompt (prompts are half as long up to this)."""
     new_tokens: PositiveInt = 32
-    """Tokens sampled per response (and completion tokens in the reward and SFT batches)."""
+    """Tokens sampled per response (and completion tokens in the reward, DPO and SFT batches)."""
     iterations: PositiveInt = 10
     """Timed iterations; the median is reported, with min and max."""
     warmup: NonNegativeInt = 2
     """Untimed iterations first."""
     stages: list[str] = field(default_factory=lambda: list(STAGES))
-    """Which of ppo, reward, sft to run."""
+    """Which of ppo, reward, dpo, sft to run."""
     modes: list[str] = field(default_factory=lambda: ["full"])
     """Memory modes, each in its own process: full, lora, value-head (PPO only), checkpointing."""
 
@@ -301,6 +306,32 @@ def run_reward(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) 
     return optimiser_steps(model, optimizer, loss, bench, bf16, ("pairs", len(examples)))
 
 
+def run_dpo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> dict:
+    """Seconds per DPO optimiser step on `batch` pairs, the reward model's (same prompts and
+    completions), on the policy; reference log-probs precomputed, as training does (with LoRA
+    the adapters-off pass)."""
+    from rlhf import dpo, training
+    from rlhf.models import LoraConfig, load_causal_lm, load_tokenizer
+
+    lora, device = LoraConfig(enabled=mode == "lora"), torch.device("cpu")
+    bf16 = training.use_bf16(bench.precision, device)
+    tokenizer = load_tokenizer(str(policy))
+    torch.manual_seed(0)
+    load = lambda name: load_causal_lm(name, tokenizer)  # noqa: E731
+    model = training.build_trainable(load, str(policy), lora, "CAUSAL_LM", None, mode == "checkpointing")
+    optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-5, schedule="constant"), 1)
+    rng = random.Random(2)
+    examples = [
+        dpo.Example([p + [rng.randrange(3, VOCAB) for _ in range(bench.new_tokens)] + [0] for _ in range(2)], len(p), [(0, 1)])
+        for p in random_prompts(bench.batch, bench.prompt_tokens)
+    ]
+    dpo.reference_logprobs(model, examples, tokenizer.pad_token_id, bench.batch, device, bf16, adapters_off=lora.enabled)
+    loss = lambda: dpo.batch_loss(model, examples, tokenizer.pad_token_id, device, dpo.LossConfig(), len(examples))[0]  # noqa: E731
+    result = optimiser_steps(model, optimizer, loss, bench, bf16, ("pairs", len(examples)))
+    result["tokens_per_s"] = sum(len(s) for e in examples for s in e.sequences) / result["step_s"]["median"]
+    return result
+
+
 def run_sft(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> dict:
     """Seconds per SFT optimiser step on `batch` sequences of prompt + completion."""
     from rlhf import sft, training
@@ -360,7 +391,7 @@ def timed_steps(step, bench: BenchConfig) -> list[float]:
     return times
 
 
-RUNNERS = {"ppo": run_ppo, "reward": run_reward, "sft": run_sft}
+RUNNERS = {"ppo": run_ppo, "reward": run_reward, "dpo": run_dpo, "sft": run_sft}
 
 
 def in_fresh_process(stage: str, mode: str, bench: BenchConfig, policy: Path, reward_model: Path) -> dict:
@@ -445,12 +476,14 @@ def table(results: dict) -> str:
                 f"  {phase:<11}{p['median']:>10.4f}{p['min']:>9.4f}{p['max']:>9.4f}{p['gflop']:>9.3f}{p['gflops']:>10.2f}"
                 f"{100 * p['gflops'] / peak[p['precision']]:>10.1f}%  {p['precision']}"
             )
-    for stage, unit, key in (("reward", "pairs/s", "pairs_per_s"), ("sft", "tokens/s", "tokens_per_s")):
+    names = {"reward": "reward model", "dpo": "DPO", "sft": "SFT"}
+    for stage, unit, key in (("reward", "pairs/s", "pairs_per_s"), ("dpo", "pairs/s", "pairs_per_s"), ("sft", "tokens/s", "tokens_per_s")):
         for mode, r in results.get(stage, {}).items():
             s = r["step_s"]
+            tokens = f", {r['tokens_per_s']:,.0f} tokens/s" if stage == "dpo" else ""
             lines.append(
-                f"{'reward model' if stage == 'reward' else 'SFT'} step ({mode}): {s['median']:.3f} s median (min {s['min']:.3f}, max {s['max']:.3f}); "
-                f"{r[key]:,.0f} {unit}; {r['gflops']:.2f} GFLOP/s ({100 * r['gflops'] / reference:.1f}% of peak); peak RSS {r['peak_rss_gb']:.2f} GB"
+                f"{names[stage]} step ({mode}): {s['median']:.3f} s median (min {s['min']:.3f}, max {s['max']:.3f}); "
+                f"{r[key]:,.0f} {unit}{tokens}; {r['gflops']:.2f} GFLOP/s ({100 * r['gflops'] / reference:.1f}% of peak); peak RSS {r['peak_rss_gb']:.2f} GB"
             )
     return "\n".join(lines)
 

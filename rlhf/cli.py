@@ -4,6 +4,7 @@
     rlhf reward   --config recipes/demo.yaml [section.key=value ...]
     rlhf ppo      --config recipes/demo.yaml [section.key=value ...]
     rlhf grpo     --config recipes/demo.yaml [grpo.algo.estimator=grpo|dr_grpo|rloo|reinforce_pp|reinforce_pp_baseline ...]
+    rlhf dpo      --config recipes/demo.yaml [section.key=value ...]
     rlhf eval     --config recipes/demo.yaml [section.key=value ...]
     rlhf score    --reward runs/demo/reward/model --input samples.jsonl --out scored.jsonl
     rlhf generate --model runs/demo/sft/model --prompts prompts.jsonl --out candidates.jsonl --num 4
@@ -34,6 +35,7 @@ STAGE_HELP = {
     "reward": "train a reward model on pairs, rankings or ratings",
     "ppo": "optimise the policy against a reward source with PPO",
     "grpo": "optimise the policy without a critic: GRPO, Dr. GRPO, RLOO, REINFORCE++ (grpo.algo.estimator)",
+    "dpo": "optimise the policy on preferences directly with DPO, IPO or SimPO (no reward model)",
     "eval": "compare policies on held-out prompts and write report.md",
 }
 

@@ -320,3 +320,48 @@ class AdaptiveKLController:
     def update(self, kl: float, n_steps: int) -> None:
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + error * n_steps / self.horizon
+
+
+# --- DPO ---
+#   [R23]  Rafailov et al. 2023, Direct Preference Optimization.
+#   [A23]  Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human
+#          Preferences (IPO).
+#   [M24]  Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward.
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    variant: str = "sigmoid",
+    gamma: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses of direct preference optimisation and the implicit rewards, each (P,).
+
+    Inputs (P,): log pi(y|x) of the chosen and rejected completions under the policy, summed over
+    their tokens, and the same under the reference. The implicit reward of a completion is
+    beta * (log pi(y|x) - log pi_ref(y|x)) [R23]; with
+    h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)),
+
+        sigmoid [R23]   -log sigmoid(beta * h)
+        ipo     [A23]   (h - 1 / (2 * beta))^2
+        simpo   [M24]   -log sigmoid(beta * h - gamma)
+
+    SimPO's reward is reference-free and length-normalised: pass log-probs averaged over each
+    completion's tokens and reference log-probs of 0, and h is the difference of the averages.
+    Returns (losses, chosen_rewards, rejected_rewards).
+    """
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if variant == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif variant == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif variant == "simpo":
+        losses = -F.logsigmoid(beta * h - gamma)
+    else:
+        raise ValueError(f"unknown DPO variant {variant!r} (sigmoid, ipo or simpo)")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

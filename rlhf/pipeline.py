@@ -3,7 +3,8 @@
     rlhf pipeline recipes/demo.yaml
 
 A recipe is one YAML file with a section per stage; each stage command (`rlhf sft`,
-`rlhf reward`, ...) reads its own section of the same file.
+`rlhf reward`, ...) reads its own section of the same file. `rlhf dpo` reads its section too,
+but is not part of the pipeline: it replaces the reward model and PPO, it does not follow them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from rlhf import evaluation, ppo, reward, sft, training
 from rlhf.compare import CompareConfig
+from rlhf.dpo import DPOConfig
 from rlhf.evaluation import EvalConfig
 from rlhf.grpo import GRPOConfig
 from rlhf.loop import LoopConfig
@@ -39,6 +41,7 @@ class Recipe:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
@@ -74,6 +77,10 @@ def run_stage(recipe: Recipe, stage: str) -> Path:
         from rlhf import grpo
 
         return grpo.train(recipe.grpo)
+    if stage == "dpo":
+        from rlhf import dpo
+
+        return dpo.train(recipe.dpo)
     if stage == "eval":
         from rlhf import evaluation
 

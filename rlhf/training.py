@@ -251,14 +251,16 @@ def run_steps(
     size: Callable[[object], int],
     throughput: tuple[str, Callable[[list], int]],
 ):
-    """The optimiser loop SFT and reward training share; returns the prepared model and the
+    """The optimiser loop SFT, reward and DPO training share; returns the prepared model and the
     held-out metrics of the last step.
 
     Each step takes the next global batch of `config.optim.batch_size` examples in a seeded,
     resumable order. A process takes its share, sorted by `size` so that micro-batches of
     similar lengths carry little padding, and accumulates `loss(model, micro_batch, global_batch)`
     over its micro-batches: that loss must be this micro-batch's share of the mean over the
-    global batch, so that the update does not depend on how the batch is split. `evaluate(model)`
+    global batch, so that the update does not depend on how the batch is split. `loss` may also
+    return `(loss, stats)`, a dict of this micro-batch's shares of other per-step means (DPO's
+    implicit rewards), summed like the loss and logged under their own names. `evaluate(model)`
     runs in eval mode and returns held-out metrics. Then it clips,
     steps, and logs, evaluates and checkpoints on the stage's schedule. `throughput` names what
     the speed metric counts and counts it in a global batch, e.g. ("tokens", count_tokens).
@@ -290,15 +292,18 @@ def run_steps(
         whole = [examples[i] for i in indices]
         local = sorted(shard(whole, accelerator.process_index, accelerator.num_processes), key=size)
         micro = len(local) // accumulation
-        loss_sum = 0.0
+        loss_sum, stats_sum = 0.0, {}
         for m in range(accumulation):
             # DDP averages gradients over processes: scaling by their number keeps the update
             # the gradient of the mean over the whole global batch.
             with accelerator.no_sync(model) if m < accumulation - 1 else contextlib.nullcontext():
                 with autocast(device, bf16):
                     value = loss(model, local[m * micro : (m + 1) * micro], whole)
+                value, stats = value if isinstance(value, tuple) else (value, {})
                 accelerator.backward(value * accelerator.num_processes)
             loss_sum += value.item()
+            for key, share in stats.items():
+                stats_sum[key] = stats_sum.get(key, 0.0) + float(share)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip) if optim.grad_clip else torch.tensor(0.0)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; the scheduler moves on below
         optimizer.step()
@@ -313,6 +318,9 @@ def run_steps(
         if step % config.log_every == 0 or step == total_steps:
             metrics.update({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": float(grad_norm)})
             metrics.update({f"train/{throughput[0]}_per_s": seen / (time.time() - started), **peak_memory()})
+            if stats_sum:
+                totals = accelerator.reduce(torch.tensor(list(stats_sum.values()), device=device), "sum")
+                metrics.update(zip(stats_sum, totals.tolist()))
         if step % config.eval_every == 0 or step == total_steps:
             model.eval()
             with torch.no_grad():
