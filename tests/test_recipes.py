@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import evaluation, ppo, reward, sft
+from rlhf import compare, dpo, evaluation, grpo, ppo, reward, sft
 from rlhf.config import load_recipe
 from rlhf.pipeline import STAGES, Recipe
 
@@ -38,6 +38,12 @@ def test_recipe_loads_and_every_stage_passes_its_checks(path, no_network):
     recipe = load_recipe(Recipe, path)
     for stage in STAGES:
         CHECKS[stage](getattr(recipe, stage), 1)
+    # the stages outside the pipeline, where the recipe gives them (the demo gives them all)
+    for section, check in ((recipe.grpo, grpo.check_config), (recipe.dpo, dpo.check_config)):
+        if section.policy:
+            check(section, 1)
+    if recipe.grpo.policy and recipe.dpo.policy:
+        compare.check_config(recipe)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
