@@ -126,16 +126,16 @@ def evaluate_seed(recipe, seed: int, models: dict[str, str], out: Path) -> dict[
 
 def run(recipe) -> Path:
     """Train and evaluate every (algorithm, seed); write the report; returns its path."""
-    from rlhf import pipeline
+    from rlhf import reward, sft
 
     check_config(recipe)
     config = recipe.compare
     root = Path(config.output_dir)
     # the shared starting point and labels, trained once
     if not Path(recipe.ppo.policy).exists():
-        pipeline.run_stage(recipe, "sft")
+        sft.train(recipe.sft)
     if recipe.ppo.reward.kind == "model" and not Path(recipe.ppo.reward.path).exists():
-        pipeline.run_stage(recipe, "reward")
+        reward.train(recipe.reward)
     runs = [(a, s) for s in config.seeds for a in config.algorithms]
     stats, rows = {}, {}
     for algorithm, seed in tqdm(runs, desc="compare", dynamic_ncols=True):
