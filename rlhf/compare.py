@@ -184,7 +184,10 @@ def render_report(config: CompareConfig, stats: dict, rows: dict, curves: dict, 
         "| algorithm | gold win-rate | RM win-rate | gold − RM gap | KL to SFT | distinct /100 | wall time (s) | peak memory (GiB) | gold peak → end (rollouts) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    cell = lambda values, fmt: "{} ± {}".format(*(fmt.format(v) for v in mean_sd(values)))  # noqa: E731
+    def cell(values: list[float], fmt: str) -> str:
+        mean, sd = mean_sd(values)
+        return f"{fmt.format(mean)} ± {fmt.replace('+', '').format(sd)}"
+
     for algorithm in config.algorithms:
         r = [rows[algorithm, s] for s in seeds]
         st = [stats[algorithm, s] for s in seeds]
