@@ -87,9 +87,16 @@ def sign_in(browser, server, db: Path, name: str, admin: bool = False, lands: st
     page = context.new_page()
     page.goto(link)
     assert "This invite is for" in page.inner_text("main")
-    page.keyboard.press("Enter")  # the sign-in button has the focus
+    press_sign_in(page)
     page.wait_for_url(f"{server.url}{lands}")
     return page
+
+
+def press_sign_in(page) -> None:
+    """Enter on the login page, once its sign-in button has the focus (`autofocus`: a loaded
+    machine may give it the focus a moment after the page's load event)."""
+    page.wait_for_function("document.activeElement && document.activeElement.type === 'submit'", timeout=10_000)
+    page.keyboard.press("Enter")
 
 
 def shoot(page, shots: Path, name: str) -> None:
@@ -285,7 +292,7 @@ def test_sign_out_then_in_again_revoke_cross_site_link_and_expired_link(browser,
     link = admin.input_value(".link-box")
     assert link.startswith(f"{server.url}/login?token=")
     page.goto(link)
-    page.keyboard.press("Enter")
+    press_sign_in(page)
     page.wait_for_url(f"{server.url}/label")
     assert item_on(page) == first
 
