@@ -210,15 +210,19 @@ def rng_states(accelerator) -> list[dict]:
     return gather_object([rng_state()])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, rng: list[dict], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, step: int, model, tokenizer, state: dict, rng: list[dict], keep: int = 2, extra: Callable[[Path], None] | None = None
+) -> Path:
     """Write `run_dir/checkpoints/step-N` atomically (model, tokenizer, state.pt with every
-    process's random streams `rng`); keep the last `keep`."""
+    process's random streams `rng`, and what `extra` writes into the directory); keep the last `keep`."""
     root = Path(run_dir) / "checkpoints"
     path = root / f"step-{step:07d}"
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
         torch.save({**state, "step": step, "rng": rng}, tmp / "state.pt")
+        if extra is not None:
+            extra(tmp)
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -355,12 +359,13 @@ def batches(n: int, batch_size: int, seed: int, start_epoch: int = 0, start_batc
 def save_trained(out: Path, step: int, model, tokenizer, state: dict, rng: list[dict]) -> Path:
     """An RL checkpoint of a `PolicyAndValue`: the policy (or its adapters) as `model/`, plus the
     value network as `value/` or the value head as `value_head.pt` where there is a critic."""
-    path = save_checkpoint(out, step, model.policy, tokenizer, state, rng)
-    if model.value_head is not None:
-        torch.save(model.value_head.state_dict(), path / "value_head.pt")
-    elif model.value_model is not None:
-        model.value_model.save_pretrained(path / "value")
-    return path
+    def save_critic(tmp: Path) -> None:  # inside the atomic directory: a kill leaves no checkpoint without it
+        if model.value_head is not None:
+            torch.save(model.value_head.state_dict(), tmp / "value_head.pt")
+        elif model.value_model is not None:
+            model.value_model.save_pretrained(tmp / "value")
+
+    return save_checkpoint(out, step, model.policy, tokenizer, state, rng, extra=save_critic)
 
 
 def load_trained(model, checkpoint: Path) -> None:
