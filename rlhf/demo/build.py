@@ -13,12 +13,16 @@ Files (the formats of rlhf/data.py):
     rankings_eval.jsonl        200 rankings of 4 replies on held-out questions, by gold
     ratings_train.jsonl       2000 thumbs up/down by the simulated labelers
     ratings_eval.jsonl         500 thumbs up/down on held-out questions, by gold
+    personal_train.jsonl      1220 rankings of 4 replies: 400 by each persona (`gold.PERSONAS`),
+                              20 by a newcomer (the "typical" labeler)
+    personal_eval.jsonl        450 rankings of 4 replies on held-out questions, 150 by each persona
 
 Feedback is given on replies drawn from the demonstration mix, as labelers would judge samples
 of the fine-tuned policy. The gold-labelled evaluation pairs and rankings are clear-cut: the gold
 scores of two replies ranked next to each other differ by at least `MIN_GOLD_MARGIN` (half a
 point, less than one polite phrase is worth), so no evaluation label hinges on a difference
-smaller than the labelers' own noise. Takes about two seconds.
+smaller than the labelers' own noise. The personas rank replies of `POLISHED_MIX`, the samples
+of a policy that already answers well, where their tastes show. Takes about three seconds.
 """
 
 from __future__ import annotations
@@ -29,22 +33,31 @@ import statistics
 from pathlib import Path
 
 from rlhf.data import write_jsonl
-from rlhf.demo.corpus import DEMO_MIX, format_completion, format_prompt, sample_exchange, sample_reply, split_questions
-from rlhf.demo.gold import LABELERS, THUMBS_UP, gold_breakdown, gold_score
+from rlhf.demo.corpus import DEMO_MIX, ReplyMix, format_completion, format_prompt, sample_exchange, sample_reply, split_questions
+from rlhf.demo.gold import LABELERS, PERSONAS, THUMBS_UP, gold_breakdown, gold_score
 
 DEMONSTRATIONS = 2000
 PREFERENCES, PREFERENCES_EVAL = 3000, 500
 RANKINGS, RANKINGS_EVAL, RANKING_SIZE = 1000, 200, 4
 RATINGS, RATINGS_EVAL = 2000, 500
 MIN_GOLD_MARGIN = 0.5
+PERSONAL, PERSONAL_EVAL, NEWCOMER = 400, 150, 20
+POLISHED_MIX = ReplyMix(
+    body=(0.9, 0.05, 0.05),
+    opener=(0.85, 0.05, 0.1),
+    closer=(0.85, 0.05, 0.1),
+    toxic=(0.97, 0.03, 0.0),
+    filler=(0.85, 0.12, 0.03),
+    repeated=0.02,
+)
 
 
-def _replies(rng: random.Random, questions: list[tuple[str, str]], k: int) -> tuple[str, list[str]]:
+def _replies(rng: random.Random, questions: list[tuple[str, str]], k: int, mix: ReplyMix = DEMO_MIX) -> tuple[str, list[str]]:
     """A prompt and `k` distinct completions to it."""
     topic, question = rng.choice(questions)
     completions: list[str] = []
     while len(completions) < k:
-        completion = format_completion(sample_reply(rng, topic, DEMO_MIX)[0])
+        completion = format_completion(sample_reply(rng, topic, mix)[0])
         if completion not in completions:
             completions.append(completion)
     return format_prompt(question), completions
@@ -110,6 +123,23 @@ def build(out_dir: str | Path, seed: int = 0) -> dict[str, float]:
         label = int(gold_score(prompt, completion) >= THUMBS_UP)
         eval_ratings.append({"prompt": prompt, "completion": completion, "label": label, "labeler": "gold"})
     write_jsonl(out / "ratings_eval.jsonl", eval_ratings)
+
+    # A stream of its own, so that the files above do not change with these.
+    personal_rng = random.Random(f"personal-{seed}")
+
+    def personal(labeler, questions, n: int) -> list[dict]:
+        rankings = []
+        for _ in range(n):
+            prompt, completions = _replies(personal_rng, questions, RANKING_SIZE, POLISHED_MIX)
+            rankings.append({"prompt": prompt, "completions": labeler.rank(personal_rng, prompt, completions), "labeler": labeler.name})
+        return rankings
+
+    newcomer = next(labeler for labeler in LABELERS if labeler.name == "typical")
+    train = [r for persona in PERSONAS for r in personal(persona, train_questions, PERSONAL)]
+    train += [{**r, "labeler": "newcomer"} for r in personal(newcomer, train_questions, NEWCOMER)]
+    personal_rng.shuffle(train)
+    write_jsonl(out / "personal_train.jsonl", train)
+    write_jsonl(out / "personal_eval.jsonl", [r for persona in PERSONAS for r in personal(persona, eval_questions, PERSONAL_EVAL)])
 
     demo_scores = [gold_breakdown(d.prompt, d.completion) for d in demos]
     return {

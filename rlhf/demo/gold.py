@@ -24,6 +24,16 @@ Simulated labelers (`LABELERS`) give the noisy feedback a reward model learns fr
 weighs the gold components their own way and answers by Bradley-Terry with their own
 temperature, P(a over b) = sigmoid((u(a) - u(b)) / T); the sloppy one also answers at random
 now and then.
+
+The personas (`PERSONAS`, the personalisation demo) have tastes of their own on top of gold,
+on what gold is nearly indifferent to, the wording of the polite phrases and answers:
+
+    brief      - 0.015 a character: the shortest polite phrases and answers
+    detailed   + 0.015 a character: the longest ones
+    polite     the warmth of its polite phrases, uncapped and doubled; curt sentences 3 x worse
+
+A persona's utility is its gold score under its taste (`Labeler.utility`); as an oracle,
+`rlhf.demo.gold:brief` (and `detailed`, `polite`) scores completions by it.
 """
 
 from __future__ import annotations
@@ -142,6 +152,12 @@ def gold_breakdown(prompt: str, completion: str) -> GoldScore:
     )
 
 
+def warmth(completion: str) -> float:
+    """The summed warmth of the distinct polite phrases of a completion, without gold's cap."""
+    sentences = {_normal(s) for s in split_sentences(completion)}
+    return sum(_KNOWN[s][2] for s in sentences if _KNOWN.get(s, ("",))[0] == "polite")
+
+
 def gold_score(prompt: str, completion: str) -> float:
     return gold_breakdown(prompt, completion).total
 
@@ -163,9 +179,15 @@ class Labeler:
     """How much this labeler cares about each gold component (missing: as gold does)."""
     careless: float = 0.0
     """Probability of answering at random."""
+    per_character: float = 0.0
+    """Utility of each character of the reply, beyond gold's own length term."""
+    warmth: float = 0.0
+    """Utility of each unit of warmth of the reply's polite phrases, uncapped (with weights
+    {"politeness": 0} it replaces gold's capped politeness)."""
 
     def utility(self, prompt: str, completion: str) -> float:
-        return gold_breakdown(prompt, completion).weighted(self.weights)
+        taste = self.per_character * len(completion.strip()) + (self.warmth * warmth(completion) if self.warmth else 0.0)
+        return gold_breakdown(prompt, completion).weighted(self.weights) + taste
 
     def prefers(self, rng: random.Random, prompt: str, a: str, b: str) -> bool:
         """Whether this labeler picks `a` over `b`."""
@@ -203,3 +225,31 @@ def simulated_ranking(prompt: str, completions: list[str], rng: random.Random) -
     `rlhf loop` on the demo (`loop.feedback.labeler: rlhf.demo.gold:simulated_ranking`)."""
     labeler = rng.choice(LABELERS)
     return labeler.rank(rng, prompt, completions), labeler.name
+
+
+PERSONAS = (
+    Labeler("brief", temperature=0.4, per_character=-0.015),
+    Labeler("detailed", temperature=0.4, per_character=0.015),
+    Labeler("polite", temperature=0.4, weights={"politeness": 0.0, "curt": 3.0}, warmth=2.0),
+)
+PERSONA_BY_NAME = {persona.name: persona for persona in PERSONAS}
+
+
+def persona_scores(name: str, prompts: list[str], completions: list[str]) -> list[float]:
+    persona = PERSONA_BY_NAME[name]
+    return [persona.utility(p, c) for p, c in zip(prompts, completions)]
+
+
+def brief(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The brief persona's utility as a reward function (`rlhf.demo.gold:brief`)."""
+    return persona_scores("brief", prompts, completions)
+
+
+def detailed(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The detailed persona's utility as a reward function (`rlhf.demo.gold:detailed`)."""
+    return persona_scores("detailed", prompts, completions)
+
+
+def polite(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """The polite persona's utility as a reward function (`rlhf.demo.gold:polite`)."""
+    return persona_scores("polite", prompts, completions)
