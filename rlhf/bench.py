@@ -300,7 +300,7 @@ def run_reward(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) 
     sequences = [s for e in examples for s in e.sequences]
 
     def loss() -> torch.Tensor:
-        scores = reward.forward_scores(model, sequences, tokenizer.pad_token_id, device)
+        scores = reward.forward_scores(model, sequences, tokenizer.pad_token_id, device)[:, 0]
         return reward.comparison_loss(scores, examples, len(examples))
 
     return optimiser_steps(model, optimizer, loss, bench, bf16, ("pairs", len(examples)))

@@ -205,6 +205,29 @@ def load_sequence_classifier(name: str, tokenizer=None, num_labels: int | None =
     return model
 
 
+def load_value_model(name: str, tokenizer) -> torch.nn.Module:
+    """A one-output sequence classifier to start a critic from; from a personal reward model
+    (several outputs: the pooled score, then one per labeler) it keeps the pooled output."""
+    model = load_sequence_classifier(name, tokenizer, num_labels=None if _trained_outputs(name) > 1 else 1)
+    head = score_head(model)
+    if head.out_features > 1:
+        pooled = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None)
+        with torch.no_grad():
+            pooled.weight.copy_(head.weight[:1])
+            if head.bias is not None:
+                pooled.bias.copy_(head.bias[:1])
+        setattr(model, "score" if getattr(model, "score", None) is head else "classifier", pooled)
+        model.config.num_labels = 1
+    return model
+
+
+def _trained_outputs(name: str) -> int:
+    """The outputs of a trained sequence classifier's head (1 for a plain causal LM)."""
+    config = AutoConfig.from_pretrained(name)
+    trained = any("ForSequenceClassification" in a for a in config.architectures or [])
+    return config.num_labels if trained else 1
+
+
 def score_head(model) -> torch.nn.Module:
     """The head of a sequence-classification model (`score` or `classifier`): a Linear, or the
     wrapper peft puts around it when it trains the head beside LoRA adapters."""

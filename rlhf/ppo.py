@@ -19,7 +19,7 @@ import torch
 
 from rlhf import ops, rl, training
 from rlhf.config import NonNegative, Positive, UnitInterval
-from rlhf.models import add_lora, check_model_path, dropout_off, load_sequence_classifier
+from rlhf.models import add_lora, check_model_path, dropout_off, load_value_model
 from rlhf.rollout import Rollout
 
 
@@ -68,7 +68,7 @@ class PPO:
             torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
             return None, head
         source = config.value.model or (config.reward.path if config.reward.kind == "model" else config.policy)
-        value_model = load_sequence_classifier(source, tokenizer, num_labels=1)
+        value_model = load_value_model(source, tokenizer)
         if config.lora.enabled:
             value_model = add_lora(value_model, config.lora, "SEQ_CLS")
         dropout_off(value_model)

@@ -15,6 +15,18 @@ was measured on, are stored beside them as `reward_score_band` (`rlhf.diagnostic
 policy's mean score passes the upper one). Writes `output_dir/model` (loads with plain
 `AutoModelForSequenceClassification`), checkpoints, `metrics.jsonl`, TensorBoard events and
 `eval.json` with the held-out accuracy and margin, the bias, gain and `score_band`.
+
+A personal reward model (`reward.personal.enabled`) knows who judged: beside the pooled score,
+column 0 of the head, it has one column per labeler of the training data, `d_j`, which learns
+where labeler j departs from the pool. Column 0 trains on every label, `s0 + d_j` on labeler
+j's labels. Labeler j's score is shrunk towards the pooled one by how many labels n_j they gave,
+
+    score_j = gain_j * (s0 + n_j / (n_j + prior_labels) * d_j + bias_j)
+
+with its own bias and gain, stored in the config as `reward_labelers` (docs/personal.md). Plain
+transformers reads the pooled score as `logits[:, 0]`. eval.json then holds, per labeler, the
+accuracy on their held-out labels of the pooled score against their own, and the held-out
+comparisons where the two disagree most.
 """
 
 from __future__ import annotations
@@ -22,14 +34,16 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig
 
 from rlhf import ops, training
-from rlhf.config import ConfigError, PositiveInt, check_ranges
+from rlhf.config import ConfigError, NonNegative, PositiveInt, check_ranges
 from rlhf.data import Comparison, Content, DataError, Rating, keep_valid, load_feedback, load_prompts
 from rlhf.encoding import check_chat_template, encode_completion, encode_prompt, encode_prompts, pad, use_chat_template
 from rlhf.models import (
@@ -42,6 +56,7 @@ from rlhf.models import (
     load_sequence_classifier,
     load_tokenizer,
     save_model,
+    score_head,
 )
 from rlhf.sampling import SamplingConfig, sample_texts
 from rlhf.scoring import SequenceClassifierScore
@@ -64,6 +79,18 @@ class NormalizeConfig:
 
 
 @dataclass
+class PersonalConfig:
+    enabled: bool = False
+    """Condition the reward model on the labeler: a score per labeler beside the pooled one (the records' `labeler` field)."""
+    prior_labels: PositiveInt = 50
+    """Shrinkage: a labeler with n labels gets n / (n + prior_labels) of their own departure from the pooled score."""
+    penalty: NonNegative = 0.01
+    """Weight of the mean squared departure d_j from the pooled score in the loss (keeps the per-labeler part small where labels say little)."""
+    min_labels: PositiveInt = 1
+    """Labelers with fewer training labels get no column of their own (their labels still train the pooled score)."""
+
+
+@dataclass
 class RewardConfig:
     model: str = ""
     """Model to start from (usually the SFT model): a local path or a hub id."""
@@ -73,6 +100,7 @@ class RewardConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, batch_size=32, micro_batch_size=16))
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
     chat_template: str = "auto"
     """How conversations (lists of messages) become tokens: auto (the tokenizer's chat template, or plain "User: ..." / "Assistant: ..." turns when it has none), none (always those plain turns), or the path of a Jinja chat template. String prompts are used as written."""
     precision: Precision = "auto"
@@ -100,6 +128,9 @@ class Example:
     sequences: list[list[int]]
     margin: float = 0.0
     label: float | None = None
+    labeler: str | None = None
+    source: str = ""
+    """Where the record came from (file:line)."""
 
 
 def encode_feedback(tokenizer, record: Comparison | Rating, max_length: int) -> Example:
@@ -107,16 +138,17 @@ def encode_feedback(tokenizer, record: Comparison | Rating, max_length: int) -> 
     prompt = encode_prompt(tokenizer, record.prompt, max_length, record.source)
     if isinstance(record, Rating):
         completion = encode_completion(tokenizer, prompt, record.completion, max_length, record.source, prompt=record.prompt)
-        return Example([prompt + completion], label=record.label)
+        return Example([prompt + completion], label=record.label, labeler=record.labeler, source=record.source)
     sequences = [
         prompt + encode_completion(tokenizer, prompt, text, max_length, record.source, record.field_name(i), prompt=record.prompt)
         for i, text in enumerate(record.completions)
     ]
-    return Example(sequences, margin=record.margin)
+    return Example(sequences, margin=record.margin, labeler=record.labeler, source=record.source)
 
 
 def forward_scores(model, sequences: list[list[int]], pad_id: int, device, chunk: int = 16) -> torch.Tensor:
-    """(N,) raw scores, read by the model at the last real token of each right-padded sequence.
+    """(N, C) raw scores, read by the model at the last real token of each right-padded sequence
+    (C = 1, or 1 + the labelers of a personal reward model).
 
     The sequences go through the model in chunks of `chunk` of similar length, so that the
     completions of a comparison, which differ in length, carry little padding (about 40% of the
@@ -126,7 +158,7 @@ def forward_scores(model, sequences: list[list[int]], pad_id: int, device, chunk
     parts = []
     for start in range(0, len(order), chunk):
         ids, mask = pad([sequences[i] for i in order[start : start + chunk]], pad_id)
-        parts.append(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float())
+        parts.append(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float())
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return torch.cat(parts)[inverse.to(device)]
@@ -148,9 +180,51 @@ def rating_loss(scores: torch.Tensor, labels: torch.Tensor, binary: bool, n_glob
     return F.mse_loss(scores, labels, reduction="sum") / n_global
 
 
+@dataclass
+class LabelerHeads:
+    """The labelers of a personal reward model: each one's column of the head and label count."""
+
+    columns: dict[str, int]
+    labels: dict[str, int]
+    prior_labels: int
+
+    @classmethod
+    def of(cls, examples: list[Example], config: PersonalConfig) -> "LabelerHeads":
+        counts = Counter(e.labeler for e in examples if e.labeler is not None)
+        names = sorted(name for name, n in counts.items() if n >= config.min_labels)
+        return cls({name: 1 + i for i, name in enumerate(names)}, {name: counts[name] for name in names}, config.prior_labels)
+
+    def weight(self, name: str) -> float:
+        """How much of labeler `name`'s own departure from the pooled score their score keeps."""
+        return self.labels[name] / (self.labels[name] + self.prior_labels)
+
+    def own(self, scores: torch.Tensor, name: str, shrink: bool = True) -> torch.Tensor:
+        """(N,) labeler `name`'s raw scores from (N, C) raw columns."""
+        return scores[:, 0] + (self.weight(name) if shrink else 1.0) * scores[:, self.columns[name]]
+
+    def stored(self) -> dict[str, dict]:
+        return {name: {"column": j, "labels": self.labels[name], "weight": self.weight(name)} for name, j in self.columns.items()}
+
+
+def pair_margins(scores: torch.Tensor, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(margins r_better - r_worse, the example of each pair) over the examples' pairs; for
+    ratings the pairs are all items with different labels, the higher label better."""
+    if examples and examples[0].label is not None:
+        labels = torch.tensor([e.label for e in examples])
+        better, worse = torch.nonzero(labels[:, None] > labels[None, :], as_tuple=True)
+        return scores[better] - scores[worse], better
+    better, worse, group = ops.ranking_pairs([len(e.sequences) for e in examples])
+    return scores[better] - scores[worse], group
+
+
+def accuracy(margins: torch.Tensor) -> float:
+    """Share of pairs ranked the right way round, ties counting half."""
+    return ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item()
+
+
 @torch.no_grad()
 def example_scores(model, examples: list[Example], pad_id: int, batch_size: int, device, bf16: bool) -> torch.Tensor:
-    """(N,) raw scores of every sequence of the examples, in order, on the CPU."""
+    """(N, C) raw scores of every sequence of the examples, in order, on the CPU."""
     scores = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
@@ -161,19 +235,38 @@ def example_scores(model, examples: list[Example], pad_id: int, batch_size: int,
 
 @torch.no_grad()
 def evaluate(model, examples: list[Example], pad_id: int, batch_size: int, device, bf16: bool) -> dict[str, float]:
-    """Held-out pairwise accuracy (ties count half) and mean margin r_better - r_worse.
+    """Held-out pairwise accuracy of the pooled score (ties count half) and mean margin r_better - r_worse.
 
     For ratings the pairs are all held-out items with different labels, the higher label better.
     """
-    scores = example_scores(model, examples, pad_id, batch_size, device, bf16)
-    if examples[0].label is not None:
-        labels = torch.tensor([e.label for e in examples])
-        better, worse = torch.nonzero(labels[:, None] > labels[None, :], as_tuple=True)
-    else:
-        better, worse, _ = ops.ranking_pairs([len(e.sequences) for e in examples])
-    diff = scores[better] - scores[worse]
-    accuracy = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
-    return {"accuracy": accuracy, "margin": diff.mean().item(), "pairs": float(len(diff))}
+    margins, _ = pair_margins(example_scores(model, examples, pad_id, batch_size, device, bf16)[:, 0], examples)
+    return {"accuracy": accuracy(margins), "margin": margins.mean().item(), "pairs": float(len(margins))}
+
+
+def labeler_table(scores: torch.Tensor, examples: list[Example], heads: LabelerHeads, disagreements: int = 5) -> dict[str, dict]:
+    """Per labeler of the held-out examples: accuracy on their own labels of the pooled score and
+    of theirs, and the comparisons where the two disagree most (measured disagreement with the
+    pool). `scores` are the (N, C) raw columns of the examples' sequences, in order."""
+    starts = torch.tensor([0] + [len(e.sequences) for e in examples]).cumsum(0)
+    table = {}
+    for name in sorted({e.labeler for e in examples if e.labeler is not None}):
+        index = [i for i, e in enumerate(examples) if e.labeler == name]
+        mine = [examples[i] for i in index]
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in index])
+        pooled, group = pair_margins(scores[rows, 0], mine)
+        if len(pooled) == 0:
+            continue
+        entry = {"held_out": len(mine), "pairs": len(pooled), "pooled_accuracy": accuracy(pooled)}
+        if name in heads.columns:
+            own, _ = pair_margins(heads.own(scores[rows], name), mine)
+            split = ((own > 0) != (pooled > 0)).nonzero().flatten()
+            worst = split[(own[split] - pooled[split]).abs().argsort(descending=True)][:disagreements]
+            entry.update({
+                "train_labels": heads.labels[name], "weight": heads.weight(name), "own_accuracy": accuracy(own),
+                "disagreements": [{"source": mine[group[k]].source, "pooled_margin": pooled[k].item(), "own_margin": own[k].item()} for k in worst.tolist()],
+            })
+        table[name] = entry
+    return table
 
 
 def reference_completions(config: NormalizeConfig, records: list, device, seed: int, chat_template: str) -> tuple[list[Content], list[Content]]:
@@ -231,11 +324,7 @@ def train(config: RewardConfig) -> Path:
         raise DataError(", ".join(config.data.train + config.data.eval), "mixes ratings with pairs/rankings; train them in separate runs")
     tokenizer = load_tokenizer(config.model)
     use_chat_template(tokenizer, config.chat_template)
-    load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
-    model = training.build_trainable(load, config.model, config.lora, "SEQ_CLS", checkpoint, config.gradient_checkpointing)
-    if config.disable_dropout:
-        dropout_off(model)
-    max_length = min(config.data.max_length, context_length(model.config))
+    max_length = min(config.data.max_length, context_length(AutoConfig.from_pretrained(config.model)))
     encode = lambda record: encode_feedback(tokenizer, record, max_length)  # noqa: E731
     examples = keep_valid(records, encode, config.data.skip_invalid, "records that do not fit the model")
     if eval_records is not None:
@@ -244,6 +333,13 @@ def train(config: RewardConfig) -> Path:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
         n_eval = max(1, int(len(examples) * config.data.eval_fraction))
         held_out, examples = [examples[i] for i in order[:n_eval]], [examples[i] for i in order[n_eval:]]
+    heads = LabelerHeads.of(examples, config.personal) if config.personal.enabled else None
+    if heads is not None and not heads.columns:
+        raise DataError(", ".join(config.data.train), f"reward.personal.enabled: no labeler has {config.personal.min_labels} or more labels (the records' `labeler` field)")
+    load = lambda name: personal_head(load_sequence_classifier(name, tokenizer, num_labels=1 + len(heads.columns) if heads else 1), heads)  # noqa: E731
+    model = training.build_trainable(load, config.model, config.lora, "SEQ_CLS", checkpoint, config.gradient_checkpointing)
+    if config.disable_dropout:
+        dropout_off(model)
     ratings = examples[0].label is not None
     binary = ratings and all(e.label in (0.0, 1.0) for e in examples)
     if ratings and not binary:  # regress standardised scores; the fitted bias re-centres afterwards
@@ -254,12 +350,18 @@ def train(config: RewardConfig) -> Path:
 
     pad_id, n_global = tokenizer.pad_token_id, config.optim.batch_size
 
-    def loss(model, micro: list[Example], whole: list[Example]) -> torch.Tensor:
-        """This micro-batch's share of the mean loss over the global batch."""
-        scores = forward_scores(model, [s for e in micro for s in e.sequences], pad_id, device)
+    def objective(scores: torch.Tensor, micro: list[Example]) -> torch.Tensor:
         if ratings:
             return rating_loss(scores, torch.tensor([e.label for e in micro], device=device), binary, n_global)
         return comparison_loss(scores, micro, n_global)
+
+    def loss(model, micro: list[Example], whole: list[Example]) -> torch.Tensor:
+        """This micro-batch's share of the mean loss over the global batch."""
+        scores = forward_scores(model, [s for e in micro for s in e.sequences], pad_id, device)
+        total = objective(scores[:, 0], micro)
+        if heads is not None:
+            total = total + personal_loss(scores, micro, heads, objective, config.personal.penalty, n_global)
+        return total
 
     if accelerator.is_main_process:
         kind = "binary ratings" if binary else "scalar ratings" if ratings else "comparisons"
@@ -272,13 +374,22 @@ def train(config: RewardConfig) -> Path:
     path = out / "model"
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
-        raw_score = SequenceClassifierScore(model, tokenizer)
-        bias, gain = fit_normalization(raw_score, config.normalize, records, device, config.seed, config.chat_template)
+        columns = reference_columns(SequenceClassifierScore(model, tokenizer), config.normalize, records, device, config.seed, config.chat_template)
+        bias, gain = fit_normalization(columns[:, 0], config.normalize.scale)
         # The scores the held-out accuracy was measured on, normalised: a policy scored far above
         # them is judged where the model was never tested (`rlhf.diagnostics`).
-        held_out_scores = gain * (example_scores(model, held_out, pad_id, config.optim.micro_batch_size, device, bf16) + bias)
+        held_out_columns = example_scores(model, held_out, pad_id, config.optim.micro_batch_size, device, bf16)
+        held_out_scores = gain * (held_out_columns[:, 0] + bias)
         band = torch.quantile(held_out_scores, torch.tensor([0.05, 0.95])).tolist()
-        save_model(model, tokenizer, path, {"reward_bias": bias, "reward_gain": gain, "reward_score_band": band})
+        stored = {"reward_bias": bias, "reward_gain": gain, "reward_score_band": band}
+        if heads is not None:
+            labelers = heads.stored()
+            for name, entry in labelers.items():
+                entry["bias"], entry["gain"] = fit_normalization(heads.own(columns, name), config.normalize.scale)
+            stored.update({"reward_labelers": labelers, "reward_prior_labels": heads.prior_labels})
+            result["labelers"] = labeler_table(held_out_columns, held_out, heads)
+            log_labeler_table(result["labelers"])
+        save_model(model, tokenizer, path, stored)
         result.update({"reward_bias": bias, "reward_gain": gain, "score_band": band})
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         log.info("reward: held-out accuracy %.3f, margin %.3f; bias %.3f gain %.3f; held-out scores %.2f to %.2f (5th to 95th percentile); saved %s",
@@ -287,12 +398,53 @@ def train(config: RewardConfig) -> Path:
     return path
 
 
-def fit_normalization(
+def reference_columns(
     raw_score: SequenceClassifierScore, config: NormalizeConfig, records: list, device, seed: int, chat_template: str
-) -> tuple[float, float]:
-    """The bias (and gain) that give reference completions a mean score of 0 (and std 1)."""
+) -> torch.Tensor:
+    """(N, C) raw scores of the reference completions."""
     prompts, completions = reference_completions(config, records, device, seed, chat_template)
-    raw = raw_score(prompts, completions)
+    return raw_score.columns(prompts, completions)
+
+
+def fit_normalization(raw: torch.Tensor, scale: bool) -> tuple[float, float]:
+    """The bias (and gain) that give reference completions' raw scores a mean of 0 (and std 1)."""
     bias = -raw.mean().item()
-    gain = 1.0 / raw.std().clamp(min=1e-6).item() if config.scale and len(raw) > 1 else 1.0
+    gain = 1.0 / raw.std().clamp(min=1e-6).item() if scale and len(raw) > 1 else 1.0
     return bias, gain
+
+
+def personal_head(model, heads: LabelerHeads | None):
+    """A new head's labeler columns start at zero: every labeler starts from the pooled score."""
+    head = score_head(model)
+    if heads is not None and not getattr(model.config, "reward_labelers", None):
+        with torch.no_grad():
+            head.weight[1:].zero_()
+            if head.bias is not None:
+                head.bias[1:].zero_()
+    return model
+
+
+def personal_loss(scores: torch.Tensor, micro: list[Example], heads: LabelerHeads, objective, penalty: float, n_global: int) -> torch.Tensor:
+    """The loss of each labeler's own score s0 + d_j on their labels, plus `penalty` times the
+    mean squared departure d_j; shares of the mean over the global batch of `n_global`."""
+    starts = [0]
+    for e in micro:
+        starts.append(starts[-1] + len(e.sequences))
+    total = scores.new_zeros(())
+    for name, column in heads.columns.items():
+        index = [i for i, e in enumerate(micro) if e.labeler == name]
+        if not index:
+            continue
+        rows = torch.tensor([r for i in index for r in range(starts[i], starts[i + 1])], device=scores.device)
+        departure = scores[rows, column]
+        size = torch.tensor([len(micro[i].sequences) for i in index for _ in micro[i].sequences], device=scores.device)
+        total = total + objective(scores[rows, 0] + departure, [micro[i] for i in index])
+        total = total + penalty * (departure.pow(2) / size).sum() / n_global
+    return total
+
+
+def log_labeler_table(table: dict[str, dict]) -> None:
+    log.info("reward: held-out accuracy on each labeler's own labels, pooled score against theirs")
+    for name, entry in table.items():
+        own = f"{entry['own_accuracy']:.3f} ({entry['train_labels']} labels, weight {entry['weight']:.2f})" if "own_accuracy" in entry else "no score of their own"
+        log.info("  %-16s pooled %.3f  own %s  on %d held-out pairs", name, entry["pooled_accuracy"], own, entry["pairs"])

@@ -16,10 +16,12 @@ messages ([{"role": "assistant", "content": ...}]).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal, Protocol
 
 import torch
@@ -44,6 +46,8 @@ class RewardSourceConfig:
     """Model directory or hub id; for a function, `module:function`."""
     label: str = ""
     """Classifier only: the label (name or index) whose logit is the reward, e.g. "not toxic"."""
+    labeler: str = ""
+    """A personal reward model only (`reward.personal.enabled`): the labeler whose score is read; empty: the pooled score."""
     batch_size: PositiveInt = 32
     """Sequences per forward pass."""
 
@@ -56,23 +60,24 @@ class SequenceClassifierScore:
     `reward_gain * (logit + reward_bias)` is applied. A classifier sees the completion's text
     alone, what it was trained to judge. `score_band` is a trained reward model's stored
     `reward_score_band`, the 5th and 95th percentiles of its scores on its held-out completions,
-    or None.
+    or None. A personal reward model's labeler reads `logit + weight * logits[:, column]`, their
+    shrunk departure from the pooled score added (`rlhf.reward`).
     """
 
     def __init__(
         self, model, tokenizer, label_index: int = 0, reward_model: bool = True, batch_size: int = 32, bias: float = 0.0, gain: float = 1.0,
-        score_band: tuple[float, float] | None = None,
+        score_band: tuple[float, float] | None = None, personal: tuple[int, float] | None = None,
     ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.index, self.is_reward_model = label_index, reward_model
         self.bias, self.gain, self.batch_size = bias, gain, batch_size
-        self.score_band = score_band
+        self.score_band, self.personal = score_band, personal
         self.device = next(model.parameters()).device
         self.max_length = context_length(model.config)
 
     @classmethod
-    def from_pretrained(cls, path: str, label: str | None = None, batch_size: int = 32, device: str | torch.device = "cpu"):
-        """`label` None: a reward model trained by rlhf; else the classifier label to read."""
+    def from_pretrained(cls, path: str, label: str | None = None, batch_size: int = 32, device: str | torch.device = "cpu", labeler: str = ""):
+        """`label` None: a reward model trained by rlhf (for `labeler`, or pooled); else the classifier label to read."""
         reward_model = label is None
         tokenizer = load_tokenizer(path, require_eos=reward_model)
         model = load_sequence_classifier(path, tokenizer).to(device)
@@ -80,7 +85,11 @@ class SequenceClassifierScore:
         if reward_model:
             bias, gain = float(getattr(config, "reward_bias", 0.0)), float(getattr(config, "reward_gain", 1.0))
             band = getattr(config, "reward_score_band", None)
-            return cls(model, tokenizer, 0, True, batch_size, bias, gain, tuple(band) if band else None)
+            band = tuple(band) if band else None
+            if not labeler:
+                return cls(model, tokenizer, 0, True, batch_size, bias, gain, band)
+            entry = personal_entry(config, labeler, path)
+            return cls(model, tokenizer, 0, True, batch_size, entry["bias"], entry["gain"], None, (entry["column"], entry["weight"]))
         return cls(model, tokenizer, label_index(config, label, path), False, batch_size)
 
     def encode(self, prompt: Content, completion: Content) -> list[int]:
@@ -91,14 +100,32 @@ class SequenceClassifierScore:
         return ids[-self.max_length :]  # an over-long prompt loses its start; the score is read at the end
 
     @torch.no_grad()
-    def __call__(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
+    def columns(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
+        """(B, C) raw logits, every column of the head."""
         scores = []
         for i in range(0, len(prompts), self.batch_size):
             seqs = [self.encode(p, c) for p, c in zip(prompts[i : i + self.batch_size], completions[i : i + self.batch_size])]
             ids, mask = pad(seqs, self.tokenizer.pad_token_id)
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            scores.append(logits[:, self.index].float().cpu())
-        return self.gain * (torch.cat(scores) + self.bias)
+            scores.append(self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float().cpu())
+        return torch.cat(scores)
+
+    def __call__(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
+        logits = self.columns(prompts, completions)
+        raw = logits[:, self.index]
+        if self.personal is not None:
+            column, weight = self.personal
+            raw = raw + weight * logits[:, column]
+        return self.gain * (raw + self.bias)
+
+
+def personal_entry(config, labeler: str, path: str, key: str = "reward.labeler") -> dict:
+    """The stored column, shrinkage weight, bias and gain of one labeler of a personal reward model."""
+    labelers = getattr(config, "reward_labelers", None) or {}
+    if not labelers:
+        raise ConfigError(f"{key}: {path} is not a personal reward model (train it with reward.personal.enabled=true); leave {key} empty for its score")
+    if labeler not in labelers:
+        raise ConfigError(f"{key}: {path} has no labeler {labeler!r}; it knows {sorted(labelers)}")
+    return labelers[labeler]
 
 
 def label_index(config, label: str, path: str) -> int:
@@ -151,6 +178,8 @@ def check_reward_source(config: RewardSourceConfig, key: str) -> None:
         load_function(config.path, f"{key}.path")
     elif config.kind == "classifier" and not config.label:
         raise ConfigError(f"{key}.label is required with kind classifier: the class whose logit is the reward")
+    if config.labeler and config.kind != "model":
+        raise ConfigError(f"{key}.labeler: only a personal reward model (kind model) has scores per labeler, got kind {config.kind}")
 
 
 def check_reward_path(config: RewardSourceConfig, key: str) -> None:
@@ -158,6 +187,9 @@ def check_reward_path(config: RewardSourceConfig, key: str) -> None:
     may write it: checked when the stage that reads it starts)."""
     if config.kind != "function":
         check_model_path(f"{key}.path", config.path)
+    stored = Path(config.path) / "config.json"
+    if config.labeler and stored.is_file():
+        personal_entry(SimpleNamespace(**json.loads(stored.read_text())), config.labeler, config.path, f"{key}.labeler")
 
 
 def load_reward_source(config: RewardSourceConfig, device: str | torch.device = "cpu") -> RewardSource:
@@ -168,7 +200,7 @@ def load_reward_source(config: RewardSourceConfig, device: str | torch.device = 
     if config.kind == "classifier" and not config.label:
         raise ConfigError(f"{config.path}: a classifier reward needs `label`, the class whose logit is the reward")
     label = config.label if config.kind == "classifier" else None
-    return SequenceClassifierScore.from_pretrained(config.path, label, config.batch_size, device)
+    return SequenceClassifierScore.from_pretrained(config.path, label, config.batch_size, device, config.labeler)
 
 
 def score_file(source: RewardSource, input_path: str | Path, out_path: str | Path, batch_size: int = 64) -> list[float]:
