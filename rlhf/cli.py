@@ -12,6 +12,7 @@
     rlhf pipeline recipes/demo.yaml [section.key=value ...]
     rlhf loop     recipes/demo-loop.yaml [section.key=value ...]   (rounds of labels, reward model, PPO)
     rlhf compare  recipes/demo.yaml [compare.seeds=[0,1,2] ...]     (every algorithm, equal budget, one report)
+    rlhf personalize recipes/demo.yaml [personalize.seeds=[0,1,2] ...]  (a LoRA adapter per labeler, against the pooled one)
     rlhf loop     status|continue runs/demo-loop
     rlhf bench    [--size tiny|small] [--precision fp32|bf16] [--new-tokens 32] [--batch 16]
     rlhf demo data --out DIR          rlhf demo base --out DIR
@@ -141,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("recipe", help="recipe YAML file")
     compare.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
+    personalize = subparsers.add_parser(
+        "personalize", help="a personal reward model and a LoRA policy per labeler, each judged by that labeler against the pooled policy",
+        epilog=_section_help("personalize"), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    personalize.add_argument("recipe", help="recipe YAML file")
+    personalize.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
     loop = subparsers.add_parser(
         "loop", help="iterate: sample, label, update the reward model, PPO, evaluate, round after round",
         epilog="rlhf loop RECIPE [section.key=value ...]   run or continue the rounds\n"
@@ -199,6 +207,12 @@ def run(args: argparse.Namespace) -> None:
         recipe = load_recipe(_recipe_class(), args.recipe, args.overrides)
         pipeline.prepare(recipe)
         print(f"\ncomparison report: {compare.run(recipe)}")
+    elif args.command == "personalize":
+        from rlhf import personal
+
+        recipe = load_recipe(_recipe_class(), args.recipe, args.overrides)
+        pipeline.prepare(recipe)
+        print(f"\npersonalisation report: {personal.run(recipe)}")
     elif args.command == "loop":
         from rlhf import loop
 

@@ -91,6 +91,8 @@ class LoopConfig:
     """Each round's reward model: retrain from reward.model on all feedback so far, or warm-start from the last round's."""
     ppo_steps: PositiveInt = 15
     """PPO steps in each round (ppo.stop.max_steps of the round)."""
+    adapters: list[str] = field(default_factory=list)
+    """Labelers who get a policy of their own: each round the reward model knows who judged (reward.personal), and each of them gets a LoRA adapter on the round's policy, trained by PPO against their score (round-N/adapters/NAME)."""
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     seed: int = 0
@@ -116,6 +118,8 @@ def check_config(config: LoopConfig, num_processes: int = 1) -> None:
         from rlhf.scoring import load_function
 
         load_function(feedback.labeler, "loop.feedback.labeler")
+    if config.adapters and config.reward_update == "warm":
+        raise ConfigError("loop.adapters: a personal reward model is retrained each round (a new labeler needs a head of their own); set loop.reward_update=retrain")
     if config.selection.strategy == "active" and config.selection.pool <= 1:
         raise ConfigError(f"loop.selection.pool: active choice needs a pool larger than the items labelled (> 1), got {config.selection.pool}")
 
@@ -409,6 +413,7 @@ def train_reward(recipe, config: LoopConfig, rnd: Round) -> str:
     rc.data.train = feedback_files(config, rnd.index)
     if config.reward_update == "warm" and rnd.reward:
         rc.model = rnd.reward
+    rc.personal.enabled = rc.personal.enabled or bool(config.adapters)
     return str(reward.train(rc))
 
 
@@ -423,6 +428,25 @@ def run_ppo(recipe, config: LoopConfig, rnd: Round, reward_model: str, reference
     pc.reward.kind, pc.reward.path = "model", reward_model
     pc.stop.max_steps, pc.seed = config.ppo_steps, pc.seed + config.seed * 1_000 + rnd.index
     return str(ppo.train(pc))
+
+
+def run_adapters(recipe, config: LoopConfig, rnd: Round, reward_model: str, reference: str) -> dict[str, str]:
+    """{labeler: adapter directory}: a LoRA adapter on the round's policy per labeler of
+    `loop.adapters`, trained by PPO against their score of the round's reward model."""
+    from rlhf import ppo
+
+    adapters = {}
+    for name in config.adapters:
+        out = rnd.dir / "adapters" / name
+        if not (out / "model").exists():
+            pc = copy.deepcopy(recipe.ppo)
+            pc.policy, pc.reference, pc.output_dir, pc.resume = rnd.policy, reference, str(out), True
+            pc.reward.kind, pc.reward.path, pc.reward.labeler = "model", reward_model, name
+            pc.lora.enabled = True
+            pc.stop.max_steps, pc.seed = config.ppo_steps, pc.seed + config.seed * 1_000 + rnd.index
+            ppo.train(pc)
+        adapters[name] = str(out / "model" / "adapter")
+    return adapters
 
 
 def run_eval(recipe, config: LoopConfig, rnd: Round, reward_model: str, reference: str) -> dict:
@@ -555,10 +579,16 @@ def run_round(recipe, config: LoopConfig, rnd: Round, reference: str) -> dict:
     started = time.perf_counter()
     run_ppo(recipe, config, rnd, reward_model, reference)
     rnd.timed("ppo", started)
+    if config.adapters:
+        started = time.perf_counter()
+        adapters = run_adapters(recipe, config, rnd, reward_model, reference)
+        rnd.timed("adapters", started)
     started = time.perf_counter()
     evaluation = run_eval(recipe, config, rnd, reward_model, reference)
     rnd.timed("eval", started)
     summary = summarize_round(recipe, config, rnd, feedback, accuracy, reward_model, evaluation)
+    if config.adapters:
+        summary["adapters"] = adapters
     _write_json(rnd.dir / "summary.json", summary)
     log.info("loop round %d done: gold win-rate %s, reward-model win-rate %s, KL %.2f", rnd.index, summary["win_rate_gold"], summary["win_rate_rm"], summary["kl"])
     return summary

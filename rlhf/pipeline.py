@@ -19,6 +19,7 @@ from rlhf.dpo import DPOConfig
 from rlhf.evaluation import EvalConfig
 from rlhf.grpo import GRPOConfig
 from rlhf.loop import LoopConfig
+from rlhf.personal import PersonalizeConfig
 from rlhf.ppo import PPOConfig
 from rlhf.reward import RewardConfig
 from rlhf.sft import SFTConfig
@@ -45,6 +46,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
 
 
 STAGES = ("sft", "reward", "ppo", "eval")

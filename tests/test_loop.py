@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from rlhf import selection
 
@@ -239,3 +240,21 @@ def test_a_label_torn_by_a_kill_mid_write_is_cut_off_and_asked_again(tmp_path):
     assert sorted(_read_partial(partial)) == [0, 2]
     assert partial.read_text() == whole  # the next label is appended after a whole line
     assert _read_partial(tmp_path / "missing.jsonl") == {}
+
+
+def test_the_loop_keeps_a_lora_adapter_per_labeler_against_their_own_score(tiny_model_dir, tiny_prompts, tiny_data, tmp_path):
+    recipe = loop_recipe(tmp_path, tiny_model_dir, tiny_prompts, tiny_data)
+    result = run_loop(recipe, "loop.adapters=[ann]", "loop.labels_per_round=[12]", "loop.ppo_steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rnd = tmp_path / "runs" / "round-000"
+    labelers = json.loads((rnd / "reward" / "model" / "config.json").read_text())["reward_labelers"]
+    counts = {name: sum(label["labeler"] == name for label in labels(tmp_path / "runs")) for name in ("ann", "bob")}
+    assert {name: entry["labels"] for name, entry in labelers.items()} == {name: n for name, n in counts.items() if n}
+    config = yaml.safe_load((rnd / "adapters" / "ann" / "config.yaml").read_text())
+    assert config["lora"]["enabled"] and config["reward"]["labeler"] == "ann" and config["policy"] == str(tiny_model_dir)
+    adapter = rnd / "adapters" / "ann" / "model" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    assert json.loads((rnd / "summary.json").read_text())["adapters"] == {"ann": str(adapter)}
+    assert not (rnd / "adapters" / "bob").exists()
+    result = run_loop(recipe, "loop.adapters=[ann]", "loop.reward_update=warm")
+    assert result.returncode == 2 and "loop.adapters: a personal reward model is retrained each round" in result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import compare, dpo, evaluation, grpo, ppo, reward, sft
+from rlhf import compare, dpo, evaluation, grpo, personal, ppo, reward, sft
 from rlhf.config import load_recipe
 from rlhf.pipeline import STAGES, Recipe
 
@@ -44,6 +44,8 @@ def test_recipe_loads_and_every_stage_passes_its_checks(path, no_network):
             check(section, 1)
     if recipe.grpo.policy and recipe.dpo.policy:
         compare.check_config(recipe)
+    if recipe.personalize.feedback:
+        personal.check_config(recipe)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

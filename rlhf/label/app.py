@@ -426,8 +426,15 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
                 name: describe(project, list(v) if isinstance(v, tuple) else v, names)
                 for name, v in sorted(d["answers"].items())
             }
+        reward_eval, reward_rows, reward_error = store.setting("reward_eval", ""), [], None
+        if reward_eval:
+            try:
+                reward_rows = quality.read_reward_eval(reward_eval)
+            except StoreError as exc:  # retrained or moved since the server started: say so, show the rest
+                reward_error = str(exc)
         return {"overview": overview, "summary": summary, "disagreements": shown,
-                "has_gold": any(item.gold is not None for item in all_items.values())}
+                "has_gold": any(item.gold is not None for item in all_items.values()),
+                "reward_eval": reward_eval, "reward_rows": reward_rows, "reward_error": reward_error}
 
     async def admin_page(request: Request, session: Session | None = None, link: tuple[str, str] | None = None,
                          notice: str | None = None) -> Response:

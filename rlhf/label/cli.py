@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rlhf.data import LOCAL_SUFFIXES, Comparison, DataError, Rating, load_candidates, load_feedback
 from rlhf.label.db import SCALES, TASKS, Project, Store, StoreError, build_items
+from rlhf.label.quality import read_reward_eval
 from rlhf.label.export import export
 
 MAX_GUIDELINES = 100_000
@@ -89,6 +90,8 @@ def serve(args: argparse.Namespace) -> int:
     gold = read_gold(args.gold, project) if args.gold else []
     if args.gold_rate is not None and not 0 <= args.gold_rate < 1:
         raise StoreError("invalid", f"--gold-rate must be at least 0 and below 1, got {args.gold_rate}")
+    if args.reward_eval is not None:
+        read_reward_eval(args.reward_eval)
     store = Store(args.db)
     store.set_project(project)
     if guidelines is not None:
@@ -98,6 +101,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"{args.gold}: {added} new quality-control items", file=sys.stderr)
     if args.gold_rate is not None:
         store.set_setting("gold_rate", str(args.gold_rate))
+    if args.reward_eval is not None:
+        store.set_setting("reward_eval", str(args.reward_eval.resolve()))
     if args.candidates:
         added = store.add_items(items)
         print(f"{args.candidates}: {added} new items ({len(items) - added} already in {args.db})", file=sys.stderr)
@@ -169,6 +174,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a Markdown file of instructions for labelers, shown on every item (replaces earlier ones)")
     p.add_argument("--gold", type=Path, help="quality-control items with known answers, as feedback records")
     p.add_argument("--gold-rate", type=float, help="the share of each labeler's items that are quality-control ones")
+    p.add_argument("--reward-eval", type=Path,
+                   help="a personal reward model's eval.json (`rlhf reward` with reward.personal.enabled): the admin page shows, per labeler, its accuracy on their labels, pooled against their own")
     p.add_argument("--workers", type=int, default=1, help="server processes (they share the SQLite file)")
     p.add_argument("--root-path", default="", help="the path the app is served under behind a proxy, e.g. /label")
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",

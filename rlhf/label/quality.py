@@ -9,11 +9,13 @@ whole order of a ranking, the label of a rating. Skips are left out; a tie on a 
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 from collections.abc import Iterable
+from pathlib import Path
 
-from rlhf.label.db import Answer, Item, Project
+from rlhf.label.db import Answer, Item, Project, StoreError
 
 FLAG_ACCURACY = 0.7
 """Below this accuracy on gold items (with at least MIN_GOLD of them answered), a labeler is flagged."""
@@ -63,3 +65,29 @@ def labeler_stats(project: Project, items: dict[int, Item], answers: list[Answer
         row["median_seconds"] = statistics.median(times[name]) if name in times else None
         row["first_side"] = row["first"] / row["preferences"] if row["preferences"] else None
     return stats
+
+
+def read_reward_eval(path: str | Path) -> list[dict]:
+    """Per labeler, from a personal reward model's eval.json (`rlhf reward`, reward.personal on):
+    rows {name, train_labels, weight, pairs, pooled_accuracy, own_accuracy, disagreements},
+    sorted by how much better the labeler's own score does than the pooled one. A StoreError
+    naming the file when it cannot be read or holds no labelers."""
+    try:
+        table = json.loads(Path(path).read_text(encoding="utf-8"))["labelers"]
+        rows = []
+        for name, entry in table.items():
+            own = entry.get("own_accuracy")
+            rows.append({
+                "name": str(name), "train_labels": int(entry.get("train_labels", 0)), "weight": float(entry.get("weight", 0.0)),
+                "pairs": int(entry["pairs"]), "pooled_accuracy": float(entry["pooled_accuracy"]),
+                "own_accuracy": None if own is None else float(own),
+                "disagreements": [
+                    {"source": str(d["source"]), "pooled_margin": float(d["pooled_margin"]), "own_margin": float(d["own_margin"])}
+                    for d in entry.get("disagreements", [])[:5]
+                ],
+            })
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StoreError("invalid", f"cannot read the reward model's per-labeler evaluation {path}: {type(exc).__name__}: {exc}") from None
+    if not rows:
+        raise StoreError("invalid", f"{path} has no labelers: is it from a personal reward model (reward.personal.enabled)?")
+    return sorted(rows, key=lambda r: -((r["own_accuracy"] or r["pooled_accuracy"]) - r["pooled_accuracy"]))

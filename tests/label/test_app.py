@@ -611,3 +611,34 @@ def test_a_late_answer_does_not_pass_the_overlap(tmp_path, client_for, monkeypat
     assert [a.labeler for a in Store(db).live_answers()] == ["bob"]
     page = alice.client.get("/label?done=late").text
     assert "yours was not needed" in page and "Nothing left for you" in page
+
+
+def test_the_admin_page_shows_the_reward_model_by_labeler(tmp_path, client_for):
+    """A personal reward model's eval.json named at serve time: each labeler's held-out accuracy,
+    pooled against their own, and where they part most; a name in it is text, never markup."""
+    import json
+
+    evaluation = tmp_path / "eval.json"
+    table = {
+        "brief": {"held_out": 150, "pairs": 900, "pooled_accuracy": 0.709, "train_labels": 400, "weight": 0.889, "own_accuracy": 0.749,
+                  "disagreements": [{"source": "personal_eval.jsonl:12", "pooled_margin": -0.8, "own_margin": 0.5}]},
+        "<b>polite</b>": {"held_out": 150, "pairs": 900, "pooled_accuracy": 0.789, "train_labels": 400, "weight": 0.889, "own_accuracy": 0.803,
+                          "disagreements": []},
+        "gold": {"held_out": 50, "pairs": 50, "pooled_accuracy": 0.9},
+    }
+    evaluation.write_text(json.dumps({"accuracy": 0.74, "labelers": table}))
+    db = make_project(tmp_path, "pair", PAIRS)
+    Store(db).set_setting("reward_eval", str(evaluation))
+    admin = Labeler(client_for(db), invite(db, "dana", admin=True))
+    html = admin.client.get("/admin").text
+    rows = re.findall(r'<tr data-labeler="([^"]+)">(.*?)</tr>', html.split('id="reward-labelers"')[1], re.S)
+    assert [name for name, _ in rows] == ["brief", "&lt;b&gt;polite&lt;/b&gt;", "gold"]  # most improved by their own score first
+    assert (stat(rows[0][1], "pooled-accuracy"), stat(rows[0][1], "own-accuracy")) == ("71%", "75%")
+    assert "personal_eval.jsonl:12: -0.80 / +0.50" in rows[0][1]
+    assert stat(rows[2][1], "own-accuracy") == "—"  # no score of their own (held-out labels only)
+    assert "<b>polite</b>" not in html
+
+    evaluation.write_text("{not json")  # retrained mid-write, or moved: the page says so and shows the rest
+    html = admin.client.get("/admin").text
+    assert f"cannot read the reward model&#39;s per-labeler evaluation {evaluation}: JSONDecodeError" in html
+    assert 'id="agreement"' in html or "Agreement" in html

@@ -155,3 +155,14 @@ def test_serve_hands_its_flags_to_uvicorn(tmp_path, capsys, monkeypatch):
     assert kwargs["root_path"] == "/label" and kwargs["proxy_headers"] is False
     assert os.environ["RLHF_LABEL_DB"] == str(db) and os.environ["RLHF_LABEL_TRUSTED_PROXIES"] == "10.0.0.5,10.0.0.6"
     assert "--base-url https://YOUR-HOST/label" in capsys.readouterr().err  # not http://0.0.0.0
+
+
+def test_serve_refuses_a_reward_evaluation_without_labelers(tmp_path, capsys):
+    candidates = write_candidates(tmp_path / "c.jsonl", [("p", ["x", "y"])])
+    plain = tmp_path / "eval.json"
+    plain.write_text('{"accuracy": 0.8, "margin": 1.0}')
+    for path, message in [(plain, "KeyError: 'labelers'"), (tmp_path / "missing.json", "FileNotFoundError")]:
+        assert main(["serve", "--db", str(tmp_path / "f.sqlite"), "--candidates", str(candidates), "--reward-eval", str(path)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: cannot read the reward model's per-labeler evaluation {path}: {message}")
+    assert not (tmp_path / "f.sqlite").exists()
