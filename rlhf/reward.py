@@ -416,7 +416,8 @@ def fit_normalization(raw: torch.Tensor, scale: bool) -> tuple[float, float]:
 def personal_head(model, heads: LabelerHeads | None):
     """A new head's labeler columns start at zero: every labeler starts from the pooled score."""
     head = score_head(model)
-    if heads is not None and not getattr(model.config, "reward_labelers", None):
+    fresh = not any("ForSequenceClassification" in a for a in model.config.architectures or [])
+    if heads is not None and fresh:  # not a checkpoint being resumed
         with torch.no_grad():
             head.weight[1:].zero_()
             if head.bias is not None:

@@ -249,3 +249,46 @@ def test_personalize_refuses_a_recipe_it_cannot_judge_naming_the_key():
             personal.check_config(load_recipe(Recipe, None, base + overrides))
     with pytest.raises(ConfigError, match=r"^personalize.feedback is required"):
         personal.check_config(load_recipe(Recipe, None, []))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_personal_reward_model_resumes_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    """Killed after its checkpoint, a run resumes with each labeler's trained columns, not fresh ones."""
+    from rlhf.tracking import Tracker, read_metrics
+
+    rng = random.Random(5)
+    train = write_jsonl(tmp_path / "train.jsonl", rankings(rng, "alice", 48) + rankings(rng, "bob", 48))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rankings(rng, "alice", 8) + rankings(rng, "bob", 8))
+
+    def config(out):
+        c = personal_config(tiny_model_dir, train, held_out, tmp_path / out)
+        c.optim.max_steps, c.save_every, c.log_every, c.eval_every = 10, 4, 1, 5
+        return c
+
+    reward.train(config("full"))
+    original = Tracker.log
+
+    def log(self, at, metrics):
+        if at == 7:  # checkpoints at 4 (and 8): steps 5-6 were logged, then lost
+            raise Crash
+        original(self, at, metrics)
+
+    interrupted = config("part")
+    with monkeypatch.context() as patch:
+        patch.setattr(Tracker, "log", log)
+        with pytest.raises(Crash):
+            reward.train(interrupted)
+    interrupted.resume = True
+    reward.train(interrupted)
+    a = {m["step"]: m for m in read_metrics(tmp_path / "full")}
+    b = {m["step"]: m for m in read_metrics(tmp_path / "part")}
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    for step in a:
+        for key in ("train/loss", "eval/accuracy"):
+            if key in a[step]:
+                assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
+    full, part = (json.loads((tmp_path / run / "eval.json").read_text())["labelers"] for run in ("full", "part"))
+    assert {n: e["own_accuracy"] for n, e in full.items()} == {n: pytest.approx(e["own_accuracy"], abs=1e-6) for n, e in part.items()}
