@@ -436,7 +436,11 @@ def run_adapters(recipe, config: LoopConfig, rnd: Round, reward_model: str, refe
     from rlhf import ppo
 
     adapters = {}
+    known = json.loads((Path(reward_model) / "config.json").read_text()).get("reward_labelers", {})
     for name in config.adapters:
+        if name not in known:
+            log.warning("loop round %d: no adapter for %s, who has no labels yet (the reward model knows %s)", rnd.index, name, sorted(known))
+            continue
         out = rnd.dir / "adapters" / name
         if not (out / "model").exists():
             pc = copy.deepcopy(recipe.ppo)

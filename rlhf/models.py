@@ -208,7 +208,7 @@ def load_sequence_classifier(name: str, tokenizer=None, num_labels: int | None =
 def load_value_model(name: str, tokenizer) -> torch.nn.Module:
     """A one-output sequence classifier to start a critic from; from a personal reward model
     (several outputs: the pooled score, then one per labeler) it keeps the pooled output."""
-    model = load_sequence_classifier(name, tokenizer, num_labels=None if _trained_outputs(name) > 1 else 1)
+    model = load_sequence_classifier(name, tokenizer, num_labels=None if trained_outputs(name) > 1 else 1)
     head = score_head(model)
     if head.out_features > 1:
         pooled = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None)
@@ -218,14 +218,17 @@ def load_value_model(name: str, tokenizer) -> torch.nn.Module:
                 pooled.bias.copy_(head.bias[:1])
         setattr(model, "score" if getattr(model, "score", None) is head else "classifier", pooled)
         model.config.num_labels = 1
+        for key in ("reward_labelers", "reward_prior_labels"):  # a critic, not a personal reward model
+            if hasattr(model.config, key):
+                delattr(model.config, key)
     return model
 
 
-def _trained_outputs(name: str) -> int:
-    """The outputs of a trained sequence classifier's head (1 for a plain causal LM)."""
+def trained_outputs(name: str) -> int:
+    """The outputs of a trained sequence classifier's head; 0 for a causal LM (no trained head)."""
     config = AutoConfig.from_pretrained(name)
     trained = any("ForSequenceClassification" in a for a in config.architectures or [])
-    return config.num_labels if trained else 1
+    return config.num_labels if trained else 0
 
 
 def score_head(model) -> torch.nn.Module:

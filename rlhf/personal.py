@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.config import ConfigError, NonNegative, NonNegativeInt, PositiveInt, to_dict
-from rlhf.data import load_prompts
+from rlhf.data import load_feedback, load_prompts
 from rlhf.encoding import use_chat_template
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.sampling import sample_texts
@@ -83,6 +84,11 @@ def check_config(recipe) -> None:
         load_function(spec, f"personalize.oracles.{name}")
     if not recipe.eval.oracle or not recipe.eval.prompts:
         raise ConfigError("eval.oracle and eval.prompts are required: the adapters are compared on the held-out prompts by the shared gold too")
+    counts = Counter(record.labeler for record in load_feedback(config.feedback))
+    few = [name for name in labelers_of(config) if counts[name] < recipe.reward.personal.min_labels]
+    if few:
+        key = "personalize.labelers" if config.labelers else "personalize.oracles"
+        raise ConfigError(f"{key}: {few} gave no labels in personalize.feedback (fewer than reward.personal.min_labels={recipe.reward.personal.min_labels}); its labelers are {sorted(n for n in counts if n)}")
 
 
 def reward_section(recipe, out: Path) -> dict:

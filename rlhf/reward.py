@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from rlhf.models import (
     load_tokenizer,
     save_model,
     score_head,
+    trained_outputs,
 )
 from rlhf.sampling import SamplingConfig, sample_texts
 from rlhf.scoring import SequenceClassifierScore
@@ -190,7 +192,7 @@ class LabelerHeads:
 
     @classmethod
     def of(cls, examples: list[Example], config: PersonalConfig) -> "LabelerHeads":
-        counts = Counter(e.labeler for e in examples if e.labeler is not None)
+        counts = Counter(e.labeler for e in examples if e.labeler)
         names = sorted(name for name, n in counts.items() if n >= config.min_labels)
         return cls({name: 1 + i for i, name in enumerate(names)}, {name: counts[name] for name in names}, config.prior_labels)
 
@@ -260,10 +262,14 @@ def labeler_table(scores: torch.Tensor, examples: list[Example], heads: LabelerH
         if name in heads.columns:
             own, _ = pair_margins(heads.own(scores[rows], name), mine)
             split = ((own > 0) != (pooled > 0)).nonzero().flatten()
-            worst = split[(own[split] - pooled[split]).abs().argsort(descending=True)][:disagreements]
+            worst, seen = [], set()  # the largest split of each comparison, largest first
+            for k in split[(own[split] - pooled[split]).abs().argsort(descending=True)].tolist():
+                if group[k].item() not in seen and len(worst) < disagreements:
+                    seen.add(group[k].item())
+                    worst.append(k)
             entry.update({
                 "train_labels": heads.labels[name], "weight": heads.weight(name), "own_accuracy": accuracy(own),
-                "disagreements": [{"source": mine[group[k]].source, "pooled_margin": pooled[k].item(), "own_margin": own[k].item()} for k in worst.tolist()],
+                "disagreements": [{"source": mine[group[k]].source, "pooled_margin": pooled[k].item(), "own_margin": own[k].item()} for k in worst],
             })
         table[name] = entry
     return table
@@ -334,6 +340,8 @@ def train(config: RewardConfig) -> Path:
         n_eval = max(1, int(len(examples) * config.data.eval_fraction))
         held_out, examples = [examples[i] for i in order[:n_eval]], [examples[i] for i in order[n_eval:]]
     heads = LabelerHeads.of(examples, config.personal) if config.personal.enabled else None
+    if heads is not None and checkpoint is None and trained_outputs(config.model):
+        raise ConfigError(f"reward.model: {config.model} is a trained reward model; a personal one starts from a language model (the SFT model), so that each labeler's column is its own")
     if heads is not None and not heads.columns:
         raise DataError(", ".join(config.data.train), f"reward.personal.enabled: no labeler has {config.personal.min_labels} or more labels (the records' `labeler` field)")
     load = lambda name: personal_head(load_sequence_classifier(name, tokenizer, num_labels=1 + len(heads.columns) if heads else 1), heads)  # noqa: E731
@@ -386,6 +394,8 @@ def train(config: RewardConfig) -> Path:
             labelers = heads.stored()
             for name, entry in labelers.items():
                 entry["bias"], entry["gain"] = fit_normalization(heads.own(columns, name), config.normalize.scale)
+                own = entry["gain"] * (heads.own(held_out_columns, name) + entry["bias"])
+                entry["score_band"] = torch.quantile(own, torch.tensor([0.05, 0.95])).tolist()
             stored.update({"reward_labelers": labelers, "reward_prior_labels": heads.prior_labels})
             result["labelers"] = labeler_table(held_out_columns, held_out, heads)
             log_labeler_table(result["labelers"])
@@ -418,10 +428,11 @@ def personal_head(model, heads: LabelerHeads | None):
     head = score_head(model)
     fresh = not any("ForSequenceClassification" in a for a in model.config.architectures or [])
     if heads is not None and fresh:  # not a checkpoint being resumed
-        with torch.no_grad():
+        with torch.no_grad():  # the pooled column as a plain reward model's head (`load_sequence_classifier`)
+            torch.nn.init.normal_(head.weight[:1], std=1 / math.sqrt(head.in_features + 1))
             head.weight[1:].zero_()
             if head.bias is not None:
-                head.bias[1:].zero_()
+                head.bias.zero_()
     return model
 
 

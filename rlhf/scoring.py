@@ -89,7 +89,8 @@ class SequenceClassifierScore:
             if not labeler:
                 return cls(model, tokenizer, 0, True, batch_size, bias, gain, band)
             entry = personal_entry(config, labeler, path)
-            return cls(model, tokenizer, 0, True, batch_size, entry["bias"], entry["gain"], None, (entry["column"], entry["weight"]))
+            band = tuple(entry["score_band"]) if entry.get("score_band") else None
+            return cls(model, tokenizer, 0, True, batch_size, entry["bias"], entry["gain"], band, (entry["column"], entry["weight"]))
         return cls(model, tokenizer, label_index(config, label, path), False, batch_size)
 
     def encode(self, prompt: Content, completion: Content) -> list[int]:
@@ -189,7 +190,11 @@ def check_reward_path(config: RewardSourceConfig, key: str) -> None:
         check_model_path(f"{key}.path", config.path)
     stored = Path(config.path) / "config.json"
     if config.labeler and stored.is_file():
-        personal_entry(SimpleNamespace(**json.loads(stored.read_text())), config.labeler, config.path, f"{key}.labeler")
+        try:
+            values = json.loads(stored.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{key}.path: cannot read {stored}: {exc}") from None
+        personal_entry(SimpleNamespace(**values), config.labeler, config.path, f"{key}.labeler")
 
 
 def load_reward_source(config: RewardSourceConfig, device: str | torch.device = "cpu") -> RewardSource:

@@ -90,4 +90,4 @@ def read_reward_eval(path: str | Path) -> list[dict]:
         raise StoreError("invalid", f"cannot read the reward model's per-labeler evaluation {path}: {type(exc).__name__}: {exc}") from None
     if not rows:
         raise StoreError("invalid", f"{path} has no labelers: is it from a personal reward model (reward.personal.enabled)?")
-    return sorted(rows, key=lambda r: -((r["own_accuracy"] or r["pooled_accuracy"]) - r["pooled_accuracy"]))
+    return sorted(rows, key=lambda r: -(r["own_accuracy"] - r["pooled_accuracy"] if r["own_accuracy"] is not None else 0.0))
