@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -428,11 +427,10 @@ def personal_head(model, heads: LabelerHeads | None):
     head = score_head(model)
     fresh = not any("ForSequenceClassification" in a for a in model.config.architectures or [])
     if heads is not None and fresh:  # not a checkpoint being resumed
-        with torch.no_grad():  # the pooled column as a plain reward model's head (`load_sequence_classifier`)
-            torch.nn.init.normal_(head.weight[:1], std=1 / math.sqrt(head.in_features + 1))
+        with torch.no_grad():  # the pooled column keeps transformers' initialisation of the head
             head.weight[1:].zero_()
             if head.bias is not None:
-                head.bias.zero_()
+                head.bias[1:].zero_()
     return model
 
 
