@@ -84,6 +84,13 @@ def check_config(recipe) -> None:
         load_function(spec, f"personalize.oracles.{name}")
     if not recipe.eval.oracle or not recipe.eval.prompts:
         raise ConfigError("eval.oracle and eval.prompts are required: the adapters are compared on the held-out prompts by the shared gold too")
+
+
+def validate(recipe) -> None:
+    """What the feedback files decide (they may be written by an earlier stage, the demo's by
+    `rlhf personalize` itself): every labeler to personalise gave labels."""
+    check_config(recipe)
+    config = recipe.personalize
     counts = Counter(record.labeler for record in load_feedback(config.feedback))
     few = [name for name in labelers_of(config) if counts[name] < recipe.reward.personal.min_labels]
     if few:
@@ -173,7 +180,7 @@ def run(recipe) -> Path:
     """Train the personal reward model and every adapter of every seed, compare, report."""
     from rlhf import compare, sft
 
-    check_config(recipe)
+    validate(recipe)
     config = recipe.personalize
     root = Path(config.output_dir)
     if not Path(recipe.ppo.policy).exists():
