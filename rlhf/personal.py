@@ -202,11 +202,11 @@ def run(recipe) -> Path:
 
 
 def render_report(config: PersonalizeConfig, accuracy: dict[str, dict], rows: dict[int, dict]) -> str:
+    from rlhf import compare
+
     def cell(values: list[float], fmt: str) -> str:
         mean, sd = compare.mean_sd(values)
         return f"{fmt.format(mean)} ± {fmt.replace('+', '').format(sd)}"
-
-    from rlhf import compare
 
     lines = ["# Personalisation", "", "## The reward model: each labeler's held-out labels", "",
              "Accuracy on each labeler's own held-out comparisons of the pooled score and of the labeler's own (shrunk) score.", "",

@@ -244,16 +244,21 @@ def evaluate(model, examples: list[Example], pad_id: int, batch_size: int, devic
     return {"accuracy": accuracy(margins), "margin": margins.mean().item(), "pairs": float(len(margins))}
 
 
+def sequence_rows(examples: list[Example], index: list[int]) -> torch.Tensor:
+    """The rows, among all the examples' sequences in order, of the sequences of examples `index`."""
+    starts = torch.tensor([0] + [len(e.sequences) for e in examples]).cumsum(0)
+    return torch.cat([torch.arange(starts[i], starts[i + 1]) for i in index])
+
+
 def labeler_table(scores: torch.Tensor, examples: list[Example], heads: LabelerHeads, disagreements: int = 5) -> dict[str, dict]:
     """Per labeler of the held-out examples: accuracy on their own labels of the pooled score and
     of theirs, and the comparisons where the two disagree most (measured disagreement with the
     pool). `scores` are the (N, C) raw columns of the examples' sequences, in order."""
-    starts = torch.tensor([0] + [len(e.sequences) for e in examples]).cumsum(0)
     table = {}
     for name in sorted({e.labeler for e in examples if e.labeler is not None}):
         index = [i for i, e in enumerate(examples) if e.labeler == name]
         mine = [examples[i] for i in index]
-        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in index])
+        rows = sequence_rows(examples, index)
         pooled, group = pair_margins(scores[rows, 0], mine)
         if len(pooled) == 0:
             continue
@@ -437,15 +442,12 @@ def personal_head(model, heads: LabelerHeads | None):
 def personal_loss(scores: torch.Tensor, micro: list[Example], heads: LabelerHeads, objective, penalty: float, n_global: int) -> torch.Tensor:
     """The loss of each labeler's own score s0 + d_j on their labels, plus `penalty` times the
     mean squared departure d_j; shares of the mean over the global batch of `n_global`."""
-    starts = [0]
-    for e in micro:
-        starts.append(starts[-1] + len(e.sequences))
     total = scores.new_zeros(())
     for name, column in heads.columns.items():
         index = [i for i, e in enumerate(micro) if e.labeler == name]
         if not index:
             continue
-        rows = torch.tensor([r for i in index for r in range(starts[i], starts[i + 1])], device=scores.device)
+        rows = sequence_rows(micro, index).to(scores.device)
         departure = scores[rows, column]
         size = torch.tensor([len(micro[i].sequences) for i in index for _ in micro[i].sequences], device=scores.device)
         total = total + objective(scores[rows, 0] + departure, [micro[i] for i in index])
