@@ -6,6 +6,8 @@
     rlhf bench --stages ppo --modes full lora value-head checkpointing   # peak memory per mode
     rlhf bench --stages reward dpo                # DPO pairs/s beside the reward model's
     rlhf bench --json bench.json                  # the results as JSON in a file as well
+    rlhf bench --policy DIR --reward DIR --prompts prompts.jsonl   # given models and prompts
+    rlhf bench --precision auto                   # what `precision: auto` picks here, and why
 
 The models are GPT-2-style, randomly initialised with a fixed seed and built here (no hub):
 tiny is 4 layers 256 wide, small 8 layers 512 wide, both with a 4,096-word vocabulary. The
@@ -22,6 +24,12 @@ FLOPs are counted once per phase with `torch.utils.flop_counter` (matrix product
 attention) and divided by the phase's median time; the matrix-product peak beside them is the
 best of a few square `torch.mm` in fp32 and in bf16, measured at the start of the same run.
 Every (stage, mode) runs in a fresh process, so the peak resident memory it reports is its own.
+
+`--policy`, `--reward` and `--prompts` time given models (local directories, or hub ids) and
+prompts instead, so that another library can be timed on exactly the same fixtures
+(`benchmarks/vs_trl.py`). The prompts file is JSONL with `input_ids` (token ids, used as they
+are) or `prompt` (text, tokenized by the policy's tokenizer as it stands, no chat template); the
+first `--batch` are used. `--size` then only names the run.
 
 A DPO step (`dpo.batch_loss`) trains the policy on the reward model's pairs, the same prompts and
 completions, so its pairs/s stand beside the reward model's; the reference log-probs are computed
@@ -52,7 +60,7 @@ SIZES = {"tiny": (4, 256), "small": (8, 512)}  # (layers, width); heads of 64 di
 VOCAB = 4096
 STAGES = ("ppo", "reward", "dpo", "sft")
 MODES = ("full", "lora", "value-head", "checkpointing")
-CHOICES = {"size": list(SIZES), "precision": ["fp32", "bf16"], "stages": list(STAGES), "modes": list(MODES)}
+CHOICES = {"size": list(SIZES), "precision": ["fp32", "bf16", "auto"], "stages": list(STAGES), "modes": list(MODES)}
 
 
 @dataclass
@@ -60,7 +68,7 @@ class BenchConfig:
     size: str = "tiny"
     """tiny (4 layers x 256) or small (8 layers x 512)."""
     precision: str = "fp32"
-    """fp32, or bf16 autocast as the stages run it."""
+    """fp32, bf16 autocast as the stages run it, or auto: what `precision: auto` picks on this machine (reported)."""
     batch: PositiveInt = 16
     """Prompts per PPO iteration; pairs per reward-model and DPO step; sequences per SFT step."""
     prompt_tokens: PositiveInt = 16
@@ -75,6 +83,12 @@ class BenchConfig:
     """Which of ppo, reward, dpo, sft to run."""
     modes: list[str] = field(default_factory=lambda: ["full"])
     """Memory modes, each in its own process: full, lora, value-head (PPO only), checkpointing."""
+    policy: str = ""
+    """A causal LM to time instead of the built one (directory or hub id)."""
+    reward: str = ""
+    """A reward model (sequence classifier with one output) to time instead of the built one."""
+    prompts: str = ""
+    """JSONL prompts to time instead of random ones: `input_ids` or `prompt` (text) per line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,10 +162,57 @@ def build_models(root: Path, size: str) -> tuple[Path, Path]:
     return policy, reward
 
 
-def random_prompts(n: int, max_tokens: int, seed: int = 0) -> list[list[int]]:
-    """`n` prompts of max_tokens/2 .. max_tokens random words (never EOS, pad or unknown)."""
+def random_prompts(n: int, max_tokens: int, seed: int = 0, words: list[int] | None = None) -> list[list[int]]:
+    """`n` prompts of max_tokens/2 .. max_tokens random `words` (default: the built vocabulary
+    but EOS, pad and unknown)."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(max(1, max_tokens // 2), max_tokens))] for _ in range(n)]
+    words = words or list(range(3, VOCAB))
+    return [[rng.choice(words) for _ in range(rng.randint(max(1, max_tokens // 2), max_tokens))] for _ in range(n)]
+
+
+def ordinary_ids(tokenizer) -> list[int]:
+    """Token ids that are no special token: what random completions are drawn from."""
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def read_prompts(path: str, tokenizer, n: int) -> list[list[int]]:
+    """The first `n` prompts of a JSONL file as token ids: `input_ids` as given, `prompt` tokenized."""
+    from rlhf.config import ConfigError
+
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{path}:{number}: not JSON ({error.msg})") from None
+            ids = record.get("input_ids") if isinstance(record, dict) else None
+            if ids is None and isinstance(record, dict) and isinstance(record.get("prompt"), str):
+                ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+            if not (isinstance(ids, list) and ids and all(isinstance(i, int) and 0 <= i < len(tokenizer) for i in ids)):
+                raise ConfigError(f"{path}:{number}: needs input_ids (a non-empty list of token ids below {len(tokenizer)}) or prompt (text)")
+            prompts.append(ids)
+            if len(prompts) == n:
+                return prompts
+    raise ConfigError(f"--prompts {path}: {len(prompts)} prompts, fewer than --batch {n}")
+
+
+def bench_prompts(bench: BenchConfig, tokenizer) -> list[list[int]]:
+    """The PPO prompts: from `--prompts`, or random ones of the built vocabulary."""
+    if bench.prompts:
+        return read_prompts(bench.prompts, tokenizer, bench.batch)
+    return random_prompts(bench.batch, bench.prompt_tokens, words=ordinary_ids(tokenizer) if bench.policy else None)
+
+
+def pairs(bench: BenchConfig, tokenizer, seed: int) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt, [chosen, rejected]) pairs for the reward-model and DPO steps: each prompt with two
+    random completions of `new_tokens` ordinary tokens, ended by EOS."""
+    rng, words = random.Random(seed), ordinary_ids(tokenizer)
+    eos = tokenizer.eos_token_id
+    return [(p, [p + [rng.choice(words) for _ in range(bench.new_tokens)] + [eos] for _ in range(2)]) for p in bench_prompts(bench, tokenizer)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +288,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     generator = torch.Generator().manual_seed(1)
-    prompts = random_prompts(bench.batch, bench.prompt_tokens)
+    prompts = bench_prompts(bench, tokenizer)
     texts = tokenizer.batch_decode(prompts)
     beta = config.kl.beta
 
@@ -271,7 +332,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     for phase in ("generate", "score", "value", "reference", "advantages", "train"):
         seconds = summary([t[f"time/{phase}"] for t, _ in runs])
         # Sampling, the reward source and the advantages run in fp32 whatever `precision` says.
-        precision = "fp32" if phase in ("generate", "score", "advantages") else bench.precision
+        precision = "fp32" if phase in ("generate", "score", "advantages") else ("bf16" if bf16 else "fp32")
         gflop = flops.get(phase, 0.0) / 1e9
         phases[phase] = {**seconds, "gflop": gflop, "gflops": gflop / seconds["median"], "precision": precision}
     return {
@@ -294,9 +355,7 @@ def run_reward(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) 
     load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
     model = training.build_trainable(load, str(reward_model), lora, "SEQ_CLS", None, mode == "checkpointing")
     optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-5, schedule="constant"), 1)
-    rng = random.Random(2)
-    prompts = random_prompts(bench.batch, bench.prompt_tokens)
-    examples = [reward.Example([p + [rng.randrange(3, VOCAB) for _ in range(bench.new_tokens)] + [0] for _ in range(2)]) for p in prompts]
+    examples = [reward.Example(sequences) for _, sequences in pairs(bench, tokenizer, 2)]
     sequences = [s for e in examples for s in e.sequences]
 
     def loss() -> torch.Tensor:
@@ -320,11 +379,7 @@ def run_dpo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     load = lambda name: load_causal_lm(name, tokenizer)  # noqa: E731
     model = training.build_trainable(load, str(policy), lora, "CAUSAL_LM", None, mode == "checkpointing")
     optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-5, schedule="constant"), 1)
-    rng = random.Random(2)
-    examples = [
-        dpo.Example([p + [rng.randrange(3, VOCAB) for _ in range(bench.new_tokens)] + [0] for _ in range(2)], len(p), [(0, 1)])
-        for p in random_prompts(bench.batch, bench.prompt_tokens)
-    ]
+    examples = [dpo.Example(sequences, len(p), [(0, 1)]) for p, sequences in pairs(bench, tokenizer, 2)]
     dpo.reference_logprobs(model, examples, tokenizer.pad_token_id, bench.batch, device, bf16, adapters_off=lora.enabled)
     loss = lambda: dpo.batch_loss(model, examples, tokenizer.pad_token_id, device, dpo.LossConfig(), len(examples))[0]  # noqa: E731
     result = optimiser_steps(model, optimizer, loss, bench, bf16, ("pairs", len(examples)))
@@ -345,10 +400,9 @@ def run_sft(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     load = lambda name: load_causal_lm(name, tokenizer)  # noqa: E731
     model = training.build_trainable(load, str(policy), lora, "CAUSAL_LM", None, mode == "checkpointing")
     optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-4, schedule="constant"), 1)
-    rng = random.Random(3)
     examples = []
-    for prompt in random_prompts(bench.batch, bench.prompt_tokens):
-        completion = [rng.randrange(3, VOCAB) for _ in range(bench.new_tokens - 1)] + [0]
+    for prompt, (sequence, _) in pairs(bench, tokenizer, 3):
+        completion = sequence[len(prompt) + 1:]  # new_tokens, EOS last
         examples.append((prompt + completion, [IGNORE] * len(prompt) + completion))
     batch = sft.collate(examples, tokenizer.pad_token_id)
     tokens = int(batch["attention_mask"].sum())
@@ -397,10 +451,11 @@ RUNNERS = {"ppo": run_ppo, "reward": run_reward, "dpo": run_dpo, "sft": run_sft}
 def in_fresh_process(stage: str, mode: str, bench: BenchConfig, policy: Path, reward_model: Path) -> dict:
     """Run one (stage, mode) in a new Python process, so that its peak resident memory is its own."""
     job = {"stage": stage, "mode": mode, "bench": asdict(bench), "policy": str(policy), "reward_model": str(reward_model)}
-    out = policy.parent / f"{stage}-{mode}.json"
-    code = "import sys, rlhf.bench; rlhf.bench.job(sys.argv[1], sys.argv[2])"
-    subprocess.run([sys.executable, "-c", code, json.dumps(job), str(out)], check=True)
-    return json.loads(out.read_text())
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-job-") as tmp:
+        out = Path(tmp) / f"{stage}-{mode}.json"
+        code = "import sys, rlhf.bench; rlhf.bench.job(sys.argv[1], sys.argv[2])"
+        subprocess.run([sys.executable, "-c", code, json.dumps(job), str(out)], check=True)
+        return json.loads(out.read_text())
 
 
 def job(spec: str, out: str) -> None:
@@ -423,13 +478,29 @@ def job(spec: str, out: str) -> None:
 
 def run(bench: BenchConfig) -> dict:
     """Measure the peaks, then every requested (stage, mode) in a fresh process; returns the results."""
+    from rlhf import training
+    from rlhf.models import check_model_path
+
+    for key in ("policy", "reward", "prompts"):
+        if getattr(bench, key):
+            check_model_path(f"--{key}", getattr(bench, key))
     results: dict = {"machine": machine(), "config": asdict(bench)}
     results["matmul_gflops"] = {"fp32": matmul_rates(torch.float32, 1024, 5), "bf16": matmul_rates(torch.bfloat16, 512, 3)}
     results["peak_gflops"] = {dtype: max(rates.values()) for dtype, rates in results["matmul_gflops"].items()}
+    if bench.precision == "auto":  # what the stages would pick, decided as they decide it
+        results["auto"] = {"picked": "bf16" if training.use_bf16("auto", torch.device("cpu")) else "fp32", "measured_gflops": training.cpu_matmul_rates()}
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as root:
         policy, reward_model = build_models(Path(root), bench.size)
-        layers, width = SIZES[bench.size]
-        results["model"] = {"size": bench.size, "layers": layers, "width": width, "vocab": VOCAB, "parameters": _count_parameters(policy)}
+        if bench.policy or bench.reward:
+            policy, reward_model = Path(bench.policy) if bench.policy else policy, Path(bench.reward) if bench.reward else reward_model
+            results["model"] = describe(policy)
+        if bench.prompts:  # refused here, with the file and line, rather than in every child
+            from rlhf.models import load_tokenizer
+
+            read_prompts(bench.prompts, load_tokenizer(str(policy)), bench.batch)
+        else:
+            layers, width = SIZES[bench.size]
+            results["model"] = {"size": bench.size, "layers": layers, "width": width, "vocab": VOCAB, "parameters": _count_parameters(policy)}
         for stage in bench.stages:
             results[stage] = {}
             for mode in bench.modes:
@@ -438,6 +509,15 @@ def run(bench: BenchConfig) -> dict:
                 results[stage][mode] = in_fresh_process(stage, mode, bench, policy, reward_model)
     results["machine"]["load_after"] = float(Path("/proc/loadavg").read_text().split()[0]) if Path("/proc/loadavg").exists() else None
     return results
+
+
+def describe(policy: Path) -> dict:
+    """Size of a given policy, as the table names a built one."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(policy)
+    return {"size": str(policy), "layers": getattr(config, "num_hidden_layers", "?"), "width": getattr(config, "hidden_size", "?"),
+            "vocab": config.vocab_size, "parameters": _count_parameters(policy)}
 
 
 def _count_parameters(path: Path) -> int:
@@ -462,7 +542,12 @@ def table(results: dict) -> str:
             for dtype, rates in results["matmul_gflops"].items()
         ),
     ]
-    reference = peak[b["precision"]]
+    if "auto" in results:
+        auto = results["auto"]
+        lines.append(f"precision auto picked {auto['picked']}: a linear layer's products measured at {auto['measured_gflops']['bf16']:.0f} GFLOP/s "
+                     f"in bf16 against {auto['measured_gflops']['fp32']:.0f} in fp32")
+    precision = results.get("auto", {}).get("picked", b["precision"])
+    reference = peak[precision]
     for mode, r in results.get("ppo", {}).items():
         it = r["iteration_s"]
         lines += [

@@ -8,9 +8,13 @@ score of a personal reward model, and measured against the pooled policy by thei
    the pooled score's against their own.
 2. For each seed, LoRA adapters trained by the recipe's `ppo` section: "pooled" against the
    pooled score, and one per labeler against theirs (`ppo.reward.labeler`), each in its own
-   process, so an interrupted run continues where it stopped.
+   process, so an interrupted run continues where it stopped. With `from_pooled` (the default)
+   a labeler's adapter trains on the pooled policy, which is also its KL reference: it moves
+   from the pool only where the labeler's own score asks, and what the pooled policy learned
+   of the shared taste stays. Without it every adapter trains on the SFT model.
 3. For each seed, every adapter on one base, picked by name (`load_adapters`), samples
-   `samples_per_prompt` completions per held-out prompt. A labeler's adapter wins a prompt when
+   `samples_per_prompt` completions per held-out prompt (the pooled policy, with `from_pooled`,
+   is that base with its adapters off). A labeler's adapter wins a prompt when
    the mean utility of its completions to that labeler (`personalize.oracles`) is above the
    pooled adapter's; the shared gold (`eval.oracle`) of both says what the personal policy gave
    up for it.
@@ -55,8 +59,12 @@ class PersonalizeConfig:
     """Each labeler's own utility, `module:function` (the demo's personas: rlhf.demo.gold:brief, ...); the adapters are judged by it."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Seeds each adapter trains with."""
+    from_pooled: bool = True
+    """Train each labeler's adapter on the pooled policy, its KL reference too (false: on the SFT model, as the pooled one)."""
     ppo_steps: NonNegativeInt = 0
     """PPO steps per adapter (0: the ppo section's stop.max_steps)."""
+    labeler_steps: NonNegativeInt = 0
+    """PPO steps of a labeler's adapter (0: ppo_steps); with `from_pooled` it starts where the pooled one ended."""
     lr: NonNegative = 0.0
     """Learning rate of the adapters (0: the ppo section's optim.lr); LoRA usually wants a higher one than full fine-tuning."""
     samples_per_prompt: PositiveInt = 4
@@ -105,14 +113,19 @@ def reward_section(recipe, out: Path) -> dict:
     return to_dict(config)
 
 
-def ppo_section(recipe, labeler: str, reward_model: Path, seed: int, out: Path) -> dict:
-    """The recipe's PPO with LoRA against one labeler's score (or the pooled one)."""
+def ppo_section(recipe, labeler: str, reward_model: Path, seed: int, out: Path, base: str = "") -> dict:
+    """The recipe's PPO with LoRA against one labeler's score (or the pooled one), on `base`
+    (empty: the ppo section's policy); the reference is the policy it starts from."""
     config = copy.deepcopy(recipe.ppo)
     config.lora.enabled = True
+    if base:
+        config.policy, config.reference = base, ""
     config.reward.kind, config.reward.path = "model", str(reward_model)
     config.reward.labeler = "" if labeler == POOLED else labeler
     if recipe.personalize.ppo_steps:
         config.stop.max_steps = recipe.personalize.ppo_steps
+    if labeler != POOLED and recipe.personalize.labeler_steps:
+        config.stop.max_steps = recipe.personalize.labeler_steps
     if recipe.personalize.lr:
         config.optim.lr = recipe.personalize.lr
     config.oracle = recipe.personalize.oracles.get(labeler, recipe.eval.oracle)
@@ -137,15 +150,19 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return statistics.fmean(diff), statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
 
 
-def evaluate_seed(recipe, adapters: dict[str, Path], seed: int, out: Path) -> dict[str, dict]:
-    """Every labeler's adapter against the pooled one on the held-out prompts: {labeler: row}."""
-    if (out / "results.json").exists():
-        return json.loads((out / "results.json").read_text())
+def evaluate_seed(recipe, base: str | Path, adapters: dict[str, Path], seed: int, out: Path) -> dict[str, dict]:
+    """Every labeler's adapter against the pooled policy on the held-out prompts: {labeler: row}.
+    `adapters` holds an adapter per labeler on `base`, and one named "pooled", or none when the
+    pooled policy is `base` itself."""
     config, ppo = recipe.personalize, recipe.ppo
+    setup = {"base": str(base), "adapters": {n: str(a) for n, a in adapters.items()}, "labelers": labelers_of(config),
+             "samples_per_prompt": config.samples_per_prompt, "seed": seed}
+    if (out / "results.json").exists() and (out / "setup.json").exists() and json.loads((out / "setup.json").read_text()) == setup:
+        return json.loads((out / "results.json").read_text())  # evaluated before, the same way
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(ppo.policy)
     use_chat_template(tokenizer, ppo.chat_template)
-    model = load_adapters(ppo.policy, adapters, tokenizer, device)
+    model = load_adapters(str(base), adapters, tokenizer, device)
     prompts = [r.prompt for r in load_prompts(recipe.eval.prompts)]
     k = config.samples_per_prompt
     repeated = [p for p in prompts for _ in range(k)]
@@ -156,6 +173,10 @@ def evaluate_seed(recipe, adapters: dict[str, Path], seed: int, out: Path) -> di
         model.set_adapter(name)
         torch.manual_seed(seed)
         completions[name] = sample_texts(model, tokenizer, repeated, recipe.eval.generation, desc=f"sampling {name}")
+    if POOLED not in adapters:
+        with model.disable_adapter():
+            torch.manual_seed(seed)
+            completions[POOLED] = sample_texts(model, tokenizer, repeated, recipe.eval.generation, desc=f"sampling {POOLED}")
     rows = {}
     for name in labelers_of(config):
         utility = FunctionScore(config.oracles[name])
@@ -173,6 +194,7 @@ def evaluate_seed(recipe, adapters: dict[str, Path], seed: int, out: Path) -> di
         for i, prompt in enumerate(repeated):
             f.write(json.dumps({"prompt": prompt, **{name: texts[i] for name, texts in completions.items()}}, ensure_ascii=False) + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "setup.json").write_text(json.dumps(setup, indent=2) + "\n")
     return rows
 
 
@@ -188,12 +210,17 @@ def run(recipe) -> Path:
     compare.run_one("reward", reward_section(recipe, root / "reward"), root / "reward")
     reward_model = root / "reward" / "model"
     names = [POOLED, *labelers_of(config)]
-    runs = [(name, seed) for seed in config.seeds for name in names]
+    runs = [(name, seed) for seed in config.seeds for name in names]  # pooled first: the labelers' adapters may start from it
+    pooled_model = lambda seed: root / f"s{seed}" / POOLED / "model"  # noqa: E731
     for name, seed in tqdm(runs, desc="personalize", dynamic_ncols=True):
         out = root / f"s{seed}" / name
-        log.info("personalize: %s, seed %d -> %s", name, seed, out)
-        compare.run_one("ppo", ppo_section(recipe, name, reward_model, seed, out), out)
-    rows = {seed: evaluate_seed(recipe, {n: root / f"s{seed}" / n / "model" / "adapter" for n in names}, seed, root / f"s{seed}" / "eval") for seed in config.seeds}
+        base = str(pooled_model(seed)) if config.from_pooled and name != POOLED else ""
+        log.info("personalize: %s, seed %d%s -> %s", name, seed, f", on {base}" if base else "", out)
+        compare.run_one("ppo", ppo_section(recipe, name, reward_model, seed, out, base), out)
+    rows = {}
+    for seed in config.seeds:
+        adapters = {n: root / f"s{seed}" / n / "model" / "adapter" for n in (names[1:] if config.from_pooled else names)}
+        rows[seed] = evaluate_seed(recipe, pooled_model(seed) if config.from_pooled else recipe.ppo.policy, adapters, seed, root / f"s{seed}" / "eval")
     accuracy = json.loads((root / "reward" / "eval.json").read_text()).get("labelers", {})
     report = root / "report.md"
     report.write_text(render_report(config, accuracy, rows))

@@ -9,6 +9,7 @@ atomically, so a resumed run continues exactly where the interrupted one stopped
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -70,13 +71,57 @@ class OptimConfig:
 Precision = Literal["auto", "fp32", "bf16"]
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX or AVX512-BF16, where bf16 matrix products beat fp32."""
+def cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return set()
+
+
+BF16_PAYS = 1.2
+"""`precision: auto` takes bf16 on a CPU whose bf16 matrix products run at least this many times as fast as fp32's."""
+
+
+@functools.cache
+def cpu_matmul_rates(n: int = 512, repeats: int = 3) -> dict[str, float]:
+    """GFLOP/s of a linear layer's product ((n x n) by (n x n)^T) on this CPU in fp32 and in
+    bf16, the best of `repeats`, measured once per process (tens of milliseconds where bf16 has
+    its own instructions). Where bf16 is emulated one product already shows it is slower, and
+    the measurement stops there rather than wait for more."""
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(n, n, generator=generator), torch.randn(n, n, generator=generator)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = x.to(dtype), w.to(dtype)
+        best = float("inf")
+        for attempt in range(repeats + 1):  # the first one warms up
+            started = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            seconds = time.perf_counter() - started
+            if attempt:
+                best = min(best, seconds)
+            if attempt and name == "bf16" and seconds * rates["fp32"] > 2 * 2 * n**3 / 1e9:
+                best = min(best, seconds)  # already under half fp32's rate: emulated
+                break
+        rates[name] = 2 * n**3 / best / 1e9
+    return rates
+
+
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 autocast pays on this CPU, decided by measuring (`cpu_matmul_rates`): bf16
+    matrix products at least `BF16_PAYS` times fp32's. AVX512-BF16 and AMX make them about twice
+    as fast; without them torch emulates bf16, many times slower."""
+    rates = cpu_matmul_rates()
+    pays = rates["bf16"] >= BF16_PAYS * rates["fp32"]
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}) or ["none of avx2, avx512f, avx512_bf16, amx_bf16"]
+    _log_once(f"precision auto: {'bf16' if pays else 'fp32'}; bf16 matrix products measured at {rates['bf16']:.0f} GFLOP/s against "
+              f"{rates['fp32']:.0f} for fp32 ({rates['bf16'] / rates['fp32']:.2f}x; bf16 pays from {BF16_PAYS}x); CPU flags: {', '.join(flags)}")
+    return pays
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.info("%s", message)
 
 
 def make_accelerator():
@@ -97,14 +142,14 @@ def num_processes() -> int:
 def use_bf16(precision: Precision, device: torch.device) -> bool:
     """Whether to run forward passes under bf16 autocast (weights and optimiser stay fp32).
 
-    `auto` picks bf16 where it is fast: CUDA with bf16 support, or a CPU with AMX/AVX512-BF16.
-    Elsewhere bf16 matrix products are emulated and far slower than fp32.
+    `auto` picks bf16 where it is fast: CUDA with bf16 support, or a CPU whose bf16 matrix
+    products measure faster than fp32's at start-up (`cpu_bf16_pays`).
     """
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_fast_bf16()
+    return device.type == "cpu" and cpu_bf16_pays()
 
 
 def autocast(device: torch.device, bf16: bool):

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_reports_every_phase_with_its_flops(tmp_path):
     out = tmp_path / "bench.json"
@@ -21,3 +23,27 @@ def test_bench_reports_every_phase_with_its_flops(tmp_path):
     for phase in ("generate", "score", "value", "reference", "train"):
         assert ppo["phases"][phase]["median"] > 0 and ppo["phases"][phase]["gflop"] > 0, phase
     assert results["sft"]["full"]["tokens_per_s"] > 0 and "reward" not in results
+
+
+def test_bench_times_given_models_and_prompts_and_says_what_auto_picked(tmp_path):
+    from rlhf.bench import build_models
+
+    policy, reward = build_models(tmp_path, "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"input_ids": [5, 6, 7]}) + "\n" + json.dumps({"prompt": "w8 w9"}) + "\n")
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "rlhf", "bench", "--policy", str(policy), "--reward", str(reward), "--prompts", str(prompts),
+               "--batch", "2", "--new-tokens", "3", "--iterations", "1", "--warmup", "0", "--stages", "reward", "dpo",
+               "--precision", "auto", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert results["model"]["size"] == str(policy) and results["model"]["layers"] == 4
+    assert results["auto"]["picked"] in ("fp32", "bf16") and f"precision auto picked {results['auto']['picked']}" in result.stdout
+    assert results["reward"]["full"]["pairs_per_s"] > 0 and results["dpo"]["full"]["pairs_per_s"] > 0
+    # 2 pairs of (3 + 3 + EOS) and (2 + 3 + EOS) tokens: the given prompts, not random ones
+    assert results["dpo"]["full"]["tokens_per_s"] * results["dpo"]["full"]["step_s"]["median"] == pytest.approx(2 * 7 + 2 * 6)
+
+    prompts.write_text(json.dumps({"input_ids": [5, 6]}) + "\n" + json.dumps({"input_ids": []}) + "\n")
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and f"{prompts}:2: needs input_ids" in result.stderr and "Traceback" not in result.stderr

@@ -205,6 +205,8 @@ def test_personalize_trains_an_adapter_per_labeler_and_judges_each_by_its_labele
         ppo = yaml.safe_load((out / "s0" / name / "recipe.yaml").read_text())["ppo"]
         assert ppo["lora"]["enabled"] and ppo["reward"]["path"] == str(out / "reward" / "model")
         assert ppo["reward"]["labeler"] == ("" if name == "pooled" else name)
+        # a labeler's adapter trains on the pooled policy, its KL reference too
+        assert ppo["policy"] == (str(tiny_sft_dir) if name == "pooled" else str(out / "s0" / "pooled" / "model")) and not ppo.get("reference")
         assert (out / "s0" / name / "model" / "adapter" / "adapter_config.json").exists()
     rows = json.loads((out / "s0" / "eval" / "results.json").read_text())
     assert set(rows) == {"alice", "bob"} and all(0 <= r["win_rate"] <= 1 and r["prompts"] == 64 for r in rows.values())
@@ -213,6 +215,12 @@ def test_personalize_trains_an_adapter_per_labeler_and_judges_each_by_its_labele
     report = (out / "report.md").read_text()
     assert report.count("\n| alice | ") == report.count("\n| bob | ") == 2  # the reward model's table and the adapters'
     assert "win-rate by own utility" in report
+    # evaluated again when what it compares changes, not read from the last evaluation
+    recipe["personalize"]["samples_per_prompt"] = 1
+    path.write_text(yaml.safe_dump(recipe))
+    result = subprocess.run([sys.executable, "-m", "rlhf", "personalize", str(path)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len((out / "s0" / "eval" / "samples.jsonl").read_text().splitlines()) == 64
 
 
 def test_adapters_on_one_base_are_picked_by_name(tiny_model_dir, tmp_path):

@@ -63,3 +63,23 @@ def test_ppo_loss_in_bf16_matches_fp32(tiny_sft_dir):
     lp16 = ops.logprobs_from_logits(response_slice(logits16, P), batch.responses)
     lp32 = ops.logprobs_from_logits(response_slice(logits32, P), batch.responses)
     assert (lp16 - lp32).abs().max().item() < 0.05
+
+
+def test_auto_precision_takes_bf16_where_measured_matrix_products_pay_and_says_why(monkeypatch, caplog):
+    from rlhf import training
+
+    cpu = torch.device("cpu")
+    for rates, expected in (({"fp32": 180.0, "bf16": 355.0}, True), ({"fp32": 180.0, "bf16": 3.0}, False), ({"fp32": 180.0, "bf16": 200.0}, False)):
+        monkeypatch.setattr(training, "cpu_matmul_rates", lambda rates=rates: rates)
+        training._log_once.cache_clear()
+        with caplog.at_level("INFO", logger="rlhf.training"):
+            assert training.use_bf16("auto", cpu) is expected
+        assert f"precision auto: {'bf16' if expected else 'fp32'}; bf16 matrix products measured at {rates['bf16']:.0f} GFLOP/s" in caplog.text
+        assert training.use_bf16("fp32", cpu) is False and training.use_bf16("bf16", cpu) is True  # what is asked for is taken
+
+
+def test_the_matrix_product_measurement_is_of_this_cpu():
+    from rlhf import training
+
+    rates = training.cpu_matmul_rates.__wrapped__(n=128, repeats=2)
+    assert set(rates) == {"fp32", "bf16"} and all(0 < r < 1e5 for r in rates.values())
