@@ -136,18 +136,19 @@ def matmul_rates(dtype: torch.dtype, n: int, repeats: int) -> dict[str, float]:
 # Models, tokenizer and data, built locally with fixed seeds
 
 
-def build_models(root: Path, size: str) -> tuple[Path, Path]:
-    """Save a policy (causal LM) and a reward model of `size` with a word-level tokenizer under `root`."""
+def build_models(root: Path, size: str, vocab: int = VOCAB) -> tuple[Path, Path]:
+    """Save a policy (causal LM) and a reward model of `size` with a word-level tokenizer of
+    `vocab` words under `root`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    words = ["<|endoftext|>", "<|pad|>", "<unk>"] + [f"w{i}" for i in range(3, VOCAB)]
+    words = ["<|endoftext|>", "<|pad|>", "<unk>"] + [f"w{i}" for i in range(3, vocab)]
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<unk>")
     layers, width = SIZES[size]
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=1024, n_embd=width, n_layer=layers, n_head=width // 64,
+        vocab_size=vocab, n_positions=1024, n_embd=width, n_layer=layers, n_head=width // 64,
         bos_token_id=0, eos_token_id=0, pad_token_id=1, num_labels=1,
     )
     torch.manual_seed(0)
