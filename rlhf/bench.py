@@ -347,7 +347,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
 def run_reward(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> dict:
     """Seconds per optimiser step of the reward model on `batch` pairs of prompt + completion."""
     from rlhf import reward, training
-    from rlhf.models import LoraConfig, load_sequence_classifier, load_tokenizer
+    from rlhf.models import LoraConfig, dropout_off, load_sequence_classifier, load_tokenizer
 
     lora, device = LoraConfig(enabled=mode == "lora"), torch.device("cpu")
     bf16 = training.use_bf16(bench.precision, device)
@@ -355,6 +355,7 @@ def run_reward(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) 
     torch.manual_seed(0)
     load = lambda name: load_sequence_classifier(name, tokenizer, num_labels=1)  # noqa: E731
     model = training.build_trainable(load, str(reward_model), lora, "SEQ_CLS", None, mode == "checkpointing")
+    dropout_off(model)  # as `rlhf reward` trains (reward.disable_dropout) and TRL's RewardTrainer does
     optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-5, schedule="constant"), 1)
     examples = [reward.Example(sequences) for _, sequences in pairs(bench, tokenizer, 2)]
     sequences = [s for e in examples for s in e.sequences]
@@ -371,7 +372,7 @@ def run_dpo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     completions), on the policy; reference log-probs precomputed, as training does (with LoRA
     the adapters-off pass)."""
     from rlhf import dpo, training
-    from rlhf.models import LoraConfig, load_causal_lm, load_tokenizer
+    from rlhf.models import LoraConfig, dropout_off, load_causal_lm, load_tokenizer
 
     lora, device = LoraConfig(enabled=mode == "lora"), torch.device("cpu")
     bf16 = training.use_bf16(bench.precision, device)
@@ -379,6 +380,7 @@ def run_dpo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     torch.manual_seed(0)
     load = lambda name: load_causal_lm(name, tokenizer)  # noqa: E731
     model = training.build_trainable(load, str(policy), lora, "CAUSAL_LM", None, mode == "checkpointing")
+    dropout_off(model)  # as `rlhf dpo` trains
     optimizer, _ = training.make_optimizer(model, training.OptimConfig(lr=1e-5, schedule="constant"), 1)
     examples = [dpo.Example(sequences, len(p), [(0, 1)]) for p, sequences in pairs(bench, tokenizer, 2)]
     dpo.reference_logprobs(model, examples, tokenizer.pad_token_id, bench.batch, device, bf16, adapters_off=lora.enabled)

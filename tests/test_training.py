@@ -48,3 +48,20 @@ def test_resuming_drops_the_lines_after_the_checkpoint_and_a_line_cut_short(tmp_
     assert path.read_text() == '{"step": 1, "x": 1}\n{"step": 2, "x": 2}\n'
     keep_steps_until(path, 0)  # a fresh start
     assert not path.exists()
+
+
+def test_the_optimiser_is_adamw_fused_and_steps_as_the_per_tensor_loop_does():
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused, _ = training.make_optimizer(models[0], training.OptimConfig(lr=1e-2, weight_decay=0.1, schedule="constant"), 10)
+    loop = torch.optim.AdamW(models[1].parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.param_groups[0]["fused"] is True
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, loop)):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
