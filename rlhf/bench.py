@@ -494,16 +494,18 @@ def run(bench: BenchConfig) -> dict:
         results["auto"] = {"picked": "bf16" if training.use_bf16("auto", torch.device("cpu")) else "fp32", "measured_gflops": training.cpu_matmul_rates()}
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as root:
         policy, reward_model = build_models(Path(root), bench.size)
-        if bench.policy or bench.reward:
-            policy, reward_model = Path(bench.policy) if bench.policy else policy, Path(bench.reward) if bench.reward else reward_model
+        if bench.policy:
+            policy = Path(bench.policy)
             results["model"] = describe(policy)
+        else:
+            layers, width = SIZES[bench.size]
+            results["model"] = {"size": bench.size, "layers": layers, "width": width, "vocab": VOCAB, "parameters": _count_parameters(policy)}
+        if bench.reward:
+            reward_model = Path(bench.reward)
         if bench.prompts:  # refused here, with the file and line, rather than in every child
             from rlhf.models import load_tokenizer
 
             read_prompts(bench.prompts, load_tokenizer(str(policy)), bench.batch)
-        else:
-            layers, width = SIZES[bench.size]
-            results["model"] = {"size": bench.size, "layers": layers, "width": width, "vocab": VOCAB, "parameters": _count_parameters(policy)}
         for stage in bench.stages:
             results[stage] = {}
             for mode in bench.modes:

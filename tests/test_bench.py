@@ -44,6 +44,11 @@ def test_bench_times_given_models_and_prompts_and_says_what_auto_picked(tmp_path
     # 2 pairs of (3 + 3 + EOS) and (2 + 3 + EOS) tokens: the given prompts, not random ones
     assert results["dpo"]["full"]["tokens_per_s"] * results["dpo"]["full"]["step_s"]["median"] == pytest.approx(2 * 7 + 2 * 6)
 
+    # the built models with given prompts: the run names the built size
+    result = subprocess.run(command[:4] + command[8:], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["model"]["size"] == "tiny"
+
     prompts.write_text(json.dumps({"input_ids": [5, 6]}) + "\n" + json.dumps({"input_ids": []}) + "\n")
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2 and f"{prompts}:2: needs input_ids" in result.stderr and "Traceback" not in result.stderr
