@@ -65,6 +65,8 @@ class PersonalizeConfig:
     """PPO steps per adapter (0: the ppo section's stop.max_steps)."""
     labeler_steps: NonNegativeInt = 0
     """PPO steps of a labeler's adapter (0: ppo_steps); with `from_pooled` it starts where the pooled one ended."""
+    labeler_beta: NonNegative = 0.0
+    """KL coefficient of a labeler's adapter to its reference (0: the ppo section's kl.beta); with `from_pooled` a larger one keeps what the pooled policy got right."""
     lr: NonNegative = 0.0
     """Learning rate of the adapters (0: the ppo section's optim.lr); LoRA usually wants a higher one than full fine-tuning."""
     samples_per_prompt: PositiveInt = 4
@@ -126,6 +128,8 @@ def ppo_section(recipe, labeler: str, reward_model: Path, seed: int, out: Path, 
         config.stop.max_steps = recipe.personalize.ppo_steps
     if labeler != POOLED and recipe.personalize.labeler_steps:
         config.stop.max_steps = recipe.personalize.labeler_steps
+    if labeler != POOLED and recipe.personalize.labeler_beta:
+        config.kl.beta = recipe.personalize.labeler_beta
     if recipe.personalize.lr:
         config.optim.lr = recipe.personalize.lr
     config.oracle = recipe.personalize.oracles.get(labeler, recipe.eval.oracle)

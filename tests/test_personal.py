@@ -190,10 +190,10 @@ def test_personalize_trains_an_adapter_per_labeler_and_judges_each_by_its_labele
     recipe = {
         "reward": {"model": str(tiny_sft_dir), "optim": {"lr": 2e-3, "batch_size": 16, "micro_batch_size": 16, "epochs": 2}, "precision": "fp32"},
         "ppo": {"policy": str(tiny_sft_dir), "prompts": {"train": [str(tiny_prompts)]}, "generation": generation, "precision": "fp32",
-                "algo": {"batch_size": 8, "minibatch_size": 8, "micro_batch_size": 8, "epochs": 1}, "stop": {"max_steps": 2}, "optim": {"lr": 1e-3}},
+                "algo": {"batch_size": 8, "minibatch_size": 8, "micro_batch_size": 8, "epochs": 1}, "stop": {"max_steps": 2}, "optim": {"lr": 1e-3}, "kl": {"beta": 0.1}},
         "eval": {"prompts": [str(tiny_prompts)], "oracle": "conftest:polite_reward", "generation": generation},
         "personalize": {"feedback": [str(train)], "oracles": {"alice": "test_personal:alice_utility", "bob": "test_personal:bob_utility"},
-                        "seeds": [0], "samples_per_prompt": 2, "output_dir": str(out)},
+                        "seeds": [0], "samples_per_prompt": 2, "labeler_beta": 0.3, "output_dir": str(out)},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -207,6 +207,7 @@ def test_personalize_trains_an_adapter_per_labeler_and_judges_each_by_its_labele
         assert ppo["reward"]["labeler"] == ("" if name == "pooled" else name)
         # a labeler's adapter trains on the pooled policy, its KL reference too
         assert ppo["policy"] == (str(tiny_sft_dir) if name == "pooled" else str(out / "s0" / "pooled" / "model")) and not ppo.get("reference")
+        assert ppo["kl"]["beta"] == (0.1 if name == "pooled" else 0.3)
         assert (out / "s0" / name / "model" / "adapter" / "adapter_config.json").exists()
     rows = json.loads((out / "s0" / "eval" / "results.json").read_text())
     assert set(rows) == {"alice", "bob"} and all(0 <= r["win_rate"] <= 1 and r["prompts"] == 64 for r in rows.values())
