@@ -269,8 +269,8 @@ def report(runs: dict, load: float) -> str:
              f"generation: rlhf {median(r['ppo']['generated_tokens_per_s'] for r in ours):,.0f} tokens/s, "
              f"TRL {median(r['generated_tokens_per_s'] for r in runs['trl_ppo_shipped']):,.0f} tokens/s", "",
              f"  {'phase (s)':<20}{'rlhf':>8}{'TRL shipped':>13}{'TRL no gc':>11}"]
-    names = {"generate": "generate", "score": "score", "value": "value", "reference": "reference"}
-    for ours_name, trl_name in (*names.items(), ("advantages+train", "train and the rest")):
+    phases = [(name, name) for name in ("generate", "score", "value", "reference")] + [("advantages+train", "train and the rest")]
+    for ours_name, trl_name in phases:
         if ours_name == "advantages+train":
             mine = median(r["ppo"]["phases"]["advantages"] + r["ppo"]["phases"]["train"] for r in ours)
         else:

@@ -223,7 +223,7 @@ def run(recipe) -> Path:
         compare.run_one("ppo", ppo_section(recipe, name, reward_model, seed, out, base), out)
     rows = {}
     for seed in config.seeds:
-        adapters = {n: root / f"s{seed}" / n / "model" / "adapter" for n in (names[1:] if config.from_pooled else names)}
+        adapters = {n: root / f"s{seed}" / n / "model" / "adapter" for n in (labelers_of(config) if config.from_pooled else names)}
         rows[seed] = evaluate_seed(recipe, pooled_model(seed) if config.from_pooled else recipe.ppo.policy, adapters, seed, root / f"s{seed}" / "eval")
     accuracy = json.loads((root / "reward" / "eval.json").read_text()).get("labelers", {})
     report = root / "report.md"
