@@ -8,6 +8,7 @@
     rlhf eval     --config recipes/demo.yaml [section.key=value ...]
     rlhf score    --reward runs/demo/reward/model --input samples.jsonl --out scored.jsonl
     rlhf generate --model runs/demo/sft/model --prompts prompts.jsonl --out candidates.jsonl --num 4
+    rlhf judge    --config recipes/demo.yaml --candidates candidates.jsonl --out ai_prefs.jsonl --task pair|rank|rate
     rlhf label    serve | add-labeler | export      (the human feedback web app)
     rlhf pipeline recipes/demo.yaml [section.key=value ...]
     rlhf loop     recipes/demo-loop.yaml [section.key=value ...]   (rounds of labels, reward model, PPO)
@@ -28,7 +29,7 @@ import logging
 import os
 import sys
 
-from rlhf.config import ConfigError, PositiveInt, bounds, describe, load_recipe
+from rlhf.config import ConfigError, PositiveInt, UnitInterval, bounds, describe, load_recipe
 from rlhf.data import DataError
 
 STAGE_HELP = {
@@ -127,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=_option_type(sampling["max_new_tokens"]), default=64)
     generate.add_argument("--seed", type=int, default=0)
 
+    judge = subparsers.add_parser(
+        "judge", help="label a candidates file with an AI judge that applies a constitution (RLAIF): pairs, rankings or ratings",
+        epilog=_section_help("judge"), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    judge.add_argument("--config", help="recipe YAML file with a judge section")
+    judge.add_argument("--candidates", required=True, nargs="+", help="candidates files (what rlhf generate writes)")
+    judge.add_argument("--out", required=True, help="preference JSONL to write, as the labeling app exports it")
+    judge.add_argument("--task", default="pair", choices=["pair", "rank", "rate"], help="what the judge is asked (default pair)")
+    judge.add_argument("--min-confidence", type=_option_type(UnitInterval), default=0.0,
+                       help="keep only labels at least this confident (the probability of the verdict; default 0: all)")
+    judge.add_argument("overrides", nargs="*", help="judge.key=value overrides")
+
     from rlhf.label.cli import add_label_parser
 
     add_label_parser(subparsers)
@@ -185,9 +198,11 @@ def main(argv: list[str] | None = None) -> None:
         from rlhf.label.cli import run as run_label
 
         sys.exit(run_label(args))
+    from rlhf.judge import JudgeError
+
     try:
         run(args)
-    except (ConfigError, DataError, OSError) as exc:  # OSError: a model or file that cannot be read
+    except (ConfigError, DataError, OSError, JudgeError) as exc:  # OSError: a model or file that cannot be read; JudgeError: the judge's endpoint
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
@@ -227,6 +242,16 @@ def run(args: argparse.Namespace) -> None:
             recipe = load_recipe(_recipe_class(), args.target, args.rest)
             pipeline.prepare(recipe)
             print(f"\nloop report: {loop.run(recipe)}")
+    elif args.command == "judge":
+        from rlhf.judge import label_candidates
+
+        recipe = load_recipe(_recipe_class(), args.config, args.overrides)
+        summary = label_candidates(recipe.judge, args.candidates, args.out, args.task, args.min_confidence)
+        bias = summary["position_bias_rate"]
+        hit = summary["cache_hit_rate"]
+        print(f"wrote {summary['labels']} labels by {summary['labeler']} to {args.out}; "
+              f"unparseable answers {summary.get('unparseable answers', 0)}, position-bias rate {'n/a' if bias is None else f'{bias:.1%}'}, "
+              f"cache hit rate {'n/a' if hit is None else f'{hit:.1%}'} (details: {args.out}.judge.json)")
     elif args.command == "score":
         from rlhf.models import check_model_path
         from rlhf.scoring import RewardSourceConfig, load_function, load_reward_source, score_file

@@ -70,6 +70,8 @@ class Demonstration:
 class Prompt:
     prompt: Content
     source: str
+    kind: str | None = None
+    """The kind of prompt (a record's optional `kind`, e.g. "harmful" for a red-team prompt): which principles of a constitution apply."""
 
 
 @dataclass
@@ -113,9 +115,12 @@ class Candidates:
     prompt: Content
     candidates: list[Candidate]
     source: str
+    kind: str | None = None
+    """The prompt's kind, as its prompt record gave it (see Prompt)."""
 
     def to_record(self) -> dict:
-        return {"prompt": self.prompt, "candidates": [vars(c) for c in self.candidates]}
+        record = {"prompt": self.prompt, "candidates": [vars(c) for c in self.candidates]}
+        return record | ({"kind": self.kind} if self.kind else {})
 
 
 def as_text(content: Content) -> str:
@@ -447,8 +452,16 @@ def parse_demonstration(record: Any, where: str) -> Demonstration:
     return Demonstration(prompt, _completion(record.get("completion"), prompt, where, "completion"), where)
 
 
+def _kind(record: dict, where: str) -> str | None:
+    kind = record.get("kind")
+    if kind is not None and not (isinstance(kind, str) and kind.strip()):
+        raise DataError(where, f"expected a non-empty string (the kind of prompt), got {kind!r}", "kind")
+    return kind.strip() if kind else None
+
+
 def parse_prompt(record: Any, where: str) -> Prompt:
-    return Prompt(_prompt(_object(record, where), where), where)
+    record = _object(record, where)
+    return Prompt(_prompt(record, where), where, _kind(record, where))
 
 
 def parse_feedback(record: Any, where: str) -> Comparison | Rating:
@@ -503,7 +516,7 @@ def parse_candidates(record: Any, where: str) -> Candidates:
         if not isinstance(sampling, dict):
             raise DataError(where, "expected an object", f"candidates[{i}].sampling")
         candidates.append(Candidate(item["completion"], str(item.get("model", "")), sampling))
-    return Candidates(prompt, candidates, where)
+    return Candidates(prompt, candidates, where, _kind(record, where))
 
 
 # ---------------------------------------------------------------- loading whole files

@@ -33,7 +33,7 @@ def generate(model: str, prompts: list[str], out: str | Path, num: int, sampling
     completions = sample_texts(policy, tokenizer, texts, sampling, batch_size, desc="generating")
     settings = {**asdict(sampling), "seed": seed}
     rows = [
-        Candidates(r.prompt, [Candidate(c, model, settings) for c in completions[i * num : (i + 1) * num]], r.source).to_record()
+        Candidates(r.prompt, [Candidate(c, model, settings) for c in completions[i * num : (i + 1) * num]], r.source, r.kind).to_record()
         for i, r in enumerate(records)
     ]
     write_jsonl(out, rows)

@@ -37,6 +37,7 @@ from typing import Literal
 
 from rlhf.config import ConfigError, NonNegativeInt, Positive, PositiveInt, UnitInterval, check_ranges
 from rlhf.data import Content, load_candidates, load_feedback, load_prompts, write_jsonl
+from rlhf.judge import JudgeConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class FeedbackConfig:
     """App: go on once this many of the round's app items are answered (0: all of them); `rlhf loop continue` goes on sooner."""
     poll_seconds: Positive = 5.0
     """App: seconds between looks at the labeling database."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """An AI labeler in place of the labeler function: the judge ranks each item by its constitution (set judge.model; the keys are those of the recipe's `judge` section; its cache defaults to the round's judge_cache.jsonl)."""
 
 
 @dataclass
@@ -112,8 +115,14 @@ def check_config(config: LoopConfig, num_processes: int = 1) -> None:
     if config.candidates < 2:
         raise ConfigError(f"loop.candidates: must be >= 2 (a ranking needs two completions), got {config.candidates}")
     feedback = config.feedback
-    if not feedback.labeler and not feedback.app_db:
-        raise ConfigError("loop.feedback: set labeler (a module:function) or app_db (a labeling database), or both")
+    if not feedback.labeler and not feedback.judge.model and not feedback.app_db:
+        raise ConfigError("loop.feedback: set labeler (a module:function), judge.model (an AI judge) or app_db (a labeling database)")
+    if feedback.labeler and feedback.judge.model:
+        raise ConfigError("loop.feedback: set labeler or judge.model, not both: one labels the items the app does not")
+    if feedback.judge.model:
+        from rlhf.judge import check_judge
+
+        check_judge(feedback.judge, "loop.feedback.judge")
     if feedback.labeler:
         from rlhf.scoring import load_function
 
@@ -281,7 +290,7 @@ def app_items(config: LoopConfig, items: list[dict]) -> set[int]:
     feedback = config.feedback
     if not feedback.app_db:
         return set()
-    if not feedback.labeler:
+    if not feedback.labeler and not feedback.judge.model:
         return {item["item"] for item in items}
     n = round(len(items) * feedback.app_share)
     return set(random.Random(f"{config.seed}/app").sample([item["item"] for item in items], n))
@@ -299,7 +308,10 @@ def collect_feedback(config: LoopConfig, rnd: Round, items: list[dict]) -> Path:
     done = _read_partial(partial)
     to_app = app_items(config, items)
     todo = [item for item in items if item["item"] not in done and item["item"] not in to_app]
-    if todo:
+    if todo and config.feedback.judge.model:
+        for record in judge_feedback(config.feedback.judge, rnd, todo):
+            done[record["item"]] = record
+    elif todo:
         from tqdm.auto import tqdm
 
         from rlhf.scoring import load_function
@@ -320,6 +332,30 @@ def collect_feedback(config: LoopConfig, rnd: Round, items: list[dict]) -> Path:
     write_jsonl(out, [done[item["item"]] for item in items if item["item"] in done])
     partial.unlink(missing_ok=True)
     return out
+
+
+def judge_feedback(judge_config: JudgeConfig, rnd: Round, items: list[dict]) -> list[dict]:
+    """The AI judge's rankings of the items, asked in one batch; every answer is cached on disk
+    (the round's judge_cache.jsonl unless the judge names a cache), so a killed round asks only
+    what is missing. An item whose answers cannot be read is left unlabelled, and counted."""
+    from dataclasses import replace
+
+    from rlhf.constitution import load_constitution
+    from rlhf.judge import Judge, judge_rankings
+
+    judge_config = replace(judge_config, cache=judge_config.cache or str(rnd.dir / "judge_cache.jsonl"))
+    judge = Judge(judge_config)
+    asked = [(item["prompt"], list(item["completions"]), None) for item in items]
+    records, unread = [], 0
+    for item, verdict in zip(items, judge_rankings(judge, load_constitution(judge_config.constitution), asked)):
+        if verdict.value is None:
+            unread += 1
+            continue
+        records.append({"item": item["item"], "prompt": item["prompt"], "completions": [item["completions"][i] for i in verdict.value],
+                        "labeler": judge_config.labeler, "confidence": verdict.confidence, "principle": verdict.principle})
+    if unread:
+        log.warning("round %d: the judge's answers to %d of %d items could not be read; they stay unlabelled", rnd.index, unread, len(items))
+    return records
 
 
 def _read_partial(path: Path) -> dict[int, dict]:
@@ -546,7 +582,7 @@ def run(recipe) -> Path:
         sft.train(recipe.sft)
     project = Path(config.project_dir)
     project.mkdir(parents=True, exist_ok=True)
-    _write_json(project / "loop.json", {"app_db": config.feedback.app_db, "labeler": config.feedback.labeler, "rounds": len(config.labels_per_round)})
+    _write_json(project / "loop.json", {"app_db": config.feedback.app_db, "labeler": config.feedback.judge.labeler if config.feedback.judge.model else config.feedback.labeler, "rounds": len(config.labels_per_round)})
     policy, previous, reward_model = config.policy or reference, reference, config.reward
     summaries = []
     for index in range(len(config.labels_per_round)):

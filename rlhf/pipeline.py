@@ -18,6 +18,7 @@ from rlhf.compare import CompareConfig
 from rlhf.dpo import DPOConfig
 from rlhf.evaluation import EvalConfig
 from rlhf.grpo import GRPOConfig
+from rlhf.judge import JudgeConfig
 from rlhf.loop import LoopConfig
 from rlhf.personal import PersonalizeConfig
 from rlhf.ppo import PPOConfig
@@ -47,6 +48,7 @@ class Recipe:
     loop: LoopConfig = field(default_factory=LoopConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 STAGES = ("sft", "reward", "ppo", "eval")

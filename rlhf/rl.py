@@ -464,6 +464,7 @@ def train(config: RLConfig, algorithm: Algorithm) -> Path:
             metrics["gold/mean"] = accelerator.gather(info["gold"].to(device)).mean().item()
         if band is not None:
             metrics["score/above_band"] = float(metrics["score/mean"] > band[1])
+        metrics.update(getattr(reward_source, "metrics", dict)())  # a judge's cache hit rate
         step += 1
         stop = guard_stop(config.stop, step, metrics)
         timings = {k: v for k, v in info.items() if k.startswith("time/")}

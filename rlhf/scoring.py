@@ -4,6 +4,9 @@
     kind: classifier  an existing sequence classifier; the logit of `label` scores the completion
     kind: function    a Python function `module:function`, called as
                       fn(prompts=[...], completions=[...]) -> list[float]  (TRL's signature)
+    kind: judge       an AI judge (`reward.judge`: an endpoint or a local model, rlhf.judge) rates
+                      each completion by a constitution, 1 to 7; the score is (rating - 1) / 6,
+                      the expected rating where the judge gives probabilities: how likely "good"
 
 A prompt reaches the source as the record gave it, a string or a list of messages, so that a
 reward model renders the conversation exactly as `rlhf reward` rendered it in training. A
@@ -19,7 +22,7 @@ import importlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Protocol
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 from rlhf.config import ConfigError, PositiveInt
 from rlhf.data import Content, DataError, load_demonstrations, reply_text, write_jsonl
 from rlhf.encoding import pad, render_sequence
+from rlhf.judge import JudgeConfig, check_judge
 from rlhf.models import check_model_path, context_length, load_sequence_classifier, load_tokenizer
 
 
@@ -40,8 +44,8 @@ class RewardSource(Protocol):
 
 @dataclass
 class RewardSourceConfig:
-    kind: Literal["model", "classifier", "function"] = "model"
-    """A trained reward model, an existing classifier, or a Python function."""
+    kind: Literal["model", "classifier", "function", "judge"] = "model"
+    """A trained reward model, an existing classifier, a Python function, or an AI judge (`judge`)."""
     path: str = ""
     """Model directory or hub id; for a function, `module:function`."""
     label: str = ""
@@ -50,6 +54,8 @@ class RewardSourceConfig:
     """A personal reward model only (`reward.personal.enabled`): the labeler whose score is read; empty: the pooled score."""
     batch_size: PositiveInt = 32
     """Sequences per forward pass."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """kind judge only: the judge, its constitution and its cache (the keys of the recipe's `judge` section)."""
 
 
 class SequenceClassifierScore:
@@ -153,6 +159,37 @@ class FunctionScore:
         return torch.tensor([float(s) for s in scores], dtype=torch.float32)
 
 
+class JudgeScore:
+    """An AI judge's rating of each completion by its constitution, scaled to [0, 1].
+
+    One batch of questions per call, sent `judge.concurrency` at a time and cached on disk, so
+    that a completion the policy writes again is not asked again. A rating the judge's answer
+    does not give (unparseable) scores the batch's mean: it neither rewards nor punishes, and it
+    is counted in `metrics()`, which the RL loop logs with each step."""
+
+    def __init__(self, config: JudgeConfig):
+        from rlhf.judge import Judge
+
+        self.constitution = check_judge(config, "reward.judge")
+        self.judge = Judge(config, progress=False)
+        self.unparseable = self.scored = 0
+
+    def __call__(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
+        from rlhf.judge import judge_ratings
+
+        verdicts = judge_ratings(self.judge, self.constitution, [(p, c, None) for p, c in zip(prompts, completions)])
+        scores = [(v.value - 1) / 6 if v.value is not None else None for v in verdicts]
+        known = [s for s in scores if s is not None]
+        fill = sum(known) / len(known) if known else 0.5
+        self.unparseable += len(scores) - len(known)
+        self.scored += len(scores)
+        return torch.tensor([fill if s is None else s for s in scores], dtype=torch.float32)
+
+    def metrics(self) -> dict[str, float]:
+        cache = self.judge.cache
+        return {"judge/cache_hit_rate": cache.hit_rate or 0.0, "judge/cache_hits": float(cache.hits), "judge/unparseable": float(self.unparseable)}
+
+
 def load_function(spec: str, key: str):
     """The function that `module:function` names, its module imported as `python -m` would find
     it; a ConfigError naming `key` when it cannot be had."""
@@ -173,6 +210,9 @@ def load_function(spec: str, key: str):
 def check_reward_source(config: RewardSourceConfig, key: str) -> None:
     """Refuse, before anything loads, a reward source the recipe alone shows cannot load: no
     path, a function that cannot be imported, a classifier without a label."""
+    if config.kind == "judge":
+        check_judge(config.judge, f"{key}.judge")
+        return
     if not config.path:
         raise ConfigError(f"{key}.path is required: a model directory, hub id or module:function")
     if config.kind == "function":
@@ -186,6 +226,8 @@ def check_reward_source(config: RewardSourceConfig, key: str) -> None:
 def check_reward_path(config: RewardSourceConfig, key: str) -> None:
     """Refuse a reward model or classifier at a local path that does not exist (an earlier stage
     may write it: checked when the stage that reads it starts)."""
+    if config.kind == "judge":
+        return
     if config.kind != "function":
         check_model_path(f"{key}.path", config.path)
     stored = Path(config.path) / "config.json"
@@ -198,6 +240,8 @@ def check_reward_path(config: RewardSourceConfig, key: str) -> None:
 
 
 def load_reward_source(config: RewardSourceConfig, device: str | torch.device = "cpu") -> RewardSource:
+    if config.kind == "judge":
+        return JudgeScore(config.judge)
     if not config.path:
         raise ConfigError("the reward source needs a path (a model directory, hub id or module:function)")
     if config.kind == "function":

@@ -14,6 +14,7 @@ import pytest
 
 from rlhf import compare, dpo, evaluation, grpo, personal, ppo, reward, sft
 from rlhf.config import load_recipe
+from rlhf.judge import check_judge
 from rlhf.pipeline import STAGES, Recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
@@ -46,6 +47,8 @@ def test_recipe_loads_and_every_stage_passes_its_checks(path, no_network):
         compare.check_config(recipe)
     if recipe.personalize.feedback:
         personal.check_config(recipe)
+    if recipe.judge.model:
+        check_judge(recipe.judge)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
