@@ -9,11 +9,13 @@
     rlhf score    --reward runs/demo/reward/model --input samples.jsonl --out scored.jsonl
     rlhf generate --model runs/demo/sft/model --prompts prompts.jsonl --out candidates.jsonl --num 4
     rlhf judge    --config recipes/demo.yaml --candidates candidates.jsonl --out ai_prefs.jsonl --task pair|rank|rate
+    rlhf judge-agreement --ai ai_prefs.jsonl --human prefs.jsonl [--json agreement.json]   (AI labels against human ones)
     rlhf label    serve | add-labeler | export      (the human feedback web app)
     rlhf pipeline recipes/demo.yaml [section.key=value ...]
     rlhf loop     recipes/demo-loop.yaml [section.key=value ...]   (rounds of labels, reward model, PPO)
     rlhf compare  recipes/demo.yaml [compare.seeds=[0,1,2] ...]     (every algorithm, equal budget, one report)
     rlhf personalize recipes/demo.yaml [personalize.seeds=[0,1,2] ...]  (a LoRA adapter per labeler, against the pooled one)
+    rlhf cai      recipes/demo.yaml [cai.prompts=[redteam.jsonl] ...]   (critiques and revisions by a judge, as SFT data)
     rlhf loop     status|continue runs/demo-loop
     rlhf bench    [--size tiny|small] [--precision fp32|bf16] [--new-tokens 32] [--batch 16]
     rlhf demo data --out DIR          rlhf demo base --out DIR
@@ -140,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep only labels at least this confident (the probability of the verdict; default 0: all)")
     judge.add_argument("overrides", nargs="*", help="judge.key=value overrides")
 
+    agreement = subparsers.add_parser(
+        "judge-agreement", help="agreement of AI labels with human ones, overall, per principle and by confidence (as the labeling app's admin page)"
+    )
+    agreement.add_argument("--ai", required=True, help="AI labels (what rlhf judge writes)")
+    agreement.add_argument("--human", required=True, help="human labels: preference JSONL with labeler names (what rlhf label export writes)")
+    agreement.add_argument("--json", help="also write the figures to this file")
+
     from rlhf.label.cli import add_label_parser
 
     add_label_parser(subparsers)
@@ -161,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     personalize.add_argument("recipe", help="recipe YAML file")
     personalize.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+    cai = subparsers.add_parser(
+        "cai", help="constitutional critique and revision: the policy's responses to red-team prompts, revised by a judge, as SFT data",
+        epilog=_section_help("cai"), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cai.add_argument("recipe", help="recipe YAML file")
+    cai.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
     loop = subparsers.add_parser(
         "loop", help="iterate: sample, label, update the reward model, PPO, evaluate, round after round",
@@ -228,6 +244,17 @@ def run(args: argparse.Namespace) -> None:
         recipe = load_recipe(_recipe_class(), args.recipe, args.overrides)
         pipeline.prepare(recipe)
         print(f"\npersonalisation report: {personal.run(recipe)}")
+    elif args.command == "cai":
+        import json
+
+        from rlhf import cai
+
+        recipe = load_recipe(_recipe_class(), args.recipe, args.overrides)
+        pipeline.prepare(recipe)
+        path = cai.run(recipe.cai)
+        summary = json.loads((path.parent / "cai.json").read_text(encoding="utf-8"))
+        print(f"\n{summary['prompts']} prompts: {summary['revised']} revised, {summary['unchanged']} unchanged, {summary['failed']} without a critique; "
+              f"{summary['step_outcomes']['empty revision']} empty revisions. SFT data: {path} (the chains: {path.parent / 'chain.jsonl'})")
     elif args.command == "loop":
         from rlhf import loop
 
@@ -252,6 +279,16 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {summary['labels']} labels by {summary['labeler']} to {args.out}; "
               f"unparseable answers {summary.get('unparseable answers', 0)}, position-bias rate {'n/a' if bias is None else f'{bias:.1%}'}, "
               f"cache hit rate {'n/a' if hit is None else f'{hit:.1%}'} (details: {args.out}.judge.json)")
+    elif args.command == "judge-agreement":
+        import json
+
+        from rlhf.label.ai_agreement import compare, format_reports, read_labels
+
+        reports = compare(read_labels(args.ai, ai=True), read_labels(args.human, ai=False))
+        print(format_reports(reports, args.ai, args.human), end="")
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"ai": args.ai, "human": args.human, "reports": reports}, f, indent=2)
     elif args.command == "score":
         from rlhf.models import check_model_path
         from rlhf.scoring import RewardSourceConfig, load_function, load_reward_source, score_file

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf import evaluation, ppo, reward, sft, training
+from rlhf.cai import CAIConfig
 from rlhf.compare import CompareConfig
 from rlhf.dpo import DPOConfig
 from rlhf.evaluation import EvalConfig
@@ -49,6 +50,7 @@ class Recipe:
     compare: CompareConfig = field(default_factory=CompareConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    cai: CAIConfig = field(default_factory=CAIConfig)
 
 
 STAGES = ("sft", "reward", "ppo", "eval")

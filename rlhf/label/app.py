@@ -36,8 +36,8 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from rlhf.data import Content, as_text
-from rlhf.label import agreement, markdown, quality
+from rlhf.data import Content, DataError, as_text
+from rlhf.label import agreement, ai_agreement, export, markdown, quality
 from rlhf.label.quality import display_order
 from rlhf.label.db import Answer, Item, Labeler, LateAnswer, Project, Session, Store, StoreError
 
@@ -432,9 +432,22 @@ def create_app(db_path: str | Path, trusted_proxies: frozenset[str] = frozenset(
                 reward_rows = quality.read_reward_eval(reward_eval)
             except StoreError as exc:  # retrained or moved since the server started: say so, show the rest
                 reward_error = str(exc)
+        ai_labels, ai_reports, ai_error = store.setting("ai_labels", ""), [], None
+        if ai_labels:
+            try:
+                ai_reports = ai_agreement.compare(ai_agreement.read_labels(ai_labels, ai=True), human_judgements(), project.scale)
+            except (DataError, OSError) as exc:  # rewritten or moved since the server started: say so, show the rest
+                ai_error = str(exc)
         return {"overview": overview, "summary": summary, "disagreements": shown,
                 "has_gold": any(item.gold is not None for item in all_items.values()),
-                "reward_eval": reward_eval, "reward_rows": reward_rows, "reward_error": reward_error}
+                "reward_eval": reward_eval, "reward_rows": reward_rows, "reward_error": reward_error,
+                "ai_labels": ai_labels, "ai_reports": ai_reports, "ai_error": ai_error}
+
+    def human_judgements() -> list[ai_agreement.Judgement]:
+        """The answers as `rlhf label export` writes them (no skips, ties or gold items), so that
+        the page shows what `rlhf judge-agreement` prints for the exported file."""
+        records, _ = export.records(store)
+        return [ai_agreement.judgement(r, f"{store.path}: answer {i + 1}", ai=False) for i, r in enumerate(records)]
 
     async def admin_page(request: Request, session: Session | None = None, link: tuple[str, str] | None = None,
                          notice: str | None = None) -> Response:

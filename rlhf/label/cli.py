@@ -18,6 +18,7 @@ from pathlib import Path
 
 from rlhf.data import LOCAL_SUFFIXES, Comparison, DataError, Rating, load_candidates, load_feedback
 from rlhf.label.db import SCALES, TASKS, Project, Store, StoreError, build_items
+from rlhf.label.ai_agreement import read_labels
 from rlhf.label.quality import read_reward_eval
 from rlhf.label.export import export
 
@@ -92,6 +93,8 @@ def serve(args: argparse.Namespace) -> int:
         raise StoreError("invalid", f"--gold-rate must be at least 0 and below 1, got {args.gold_rate}")
     if args.reward_eval is not None:
         read_reward_eval(args.reward_eval)
+    if args.ai_labels is not None:
+        ai_labels = read_labels(args.ai_labels, ai=True)
     store = Store(args.db)
     store.set_project(project)
     if guidelines is not None:
@@ -103,6 +106,9 @@ def serve(args: argparse.Namespace) -> int:
         store.set_setting("gold_rate", str(args.gold_rate))
     if args.reward_eval is not None:
         store.set_setting("reward_eval", str(args.reward_eval.resolve()))
+    if args.ai_labels is not None:
+        store.set_setting("ai_labels", str(args.ai_labels.resolve()))
+        print(f"{args.ai_labels}: {len(ai_labels)} AI labels; the admin page compares them with the human answers", file=sys.stderr)
     if args.candidates:
         added = store.add_items(items)
         print(f"{args.candidates}: {added} new items ({len(items) - added} already in {args.db})", file=sys.stderr)
@@ -176,6 +182,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--gold-rate", type=float, help="the share of each labeler's items that are quality-control ones")
     p.add_argument("--reward-eval", type=Path,
                    help="a personal reward model's eval.json (`rlhf reward` with reward.personal.enabled): the admin page shows, per labeler, its accuracy on their labels, pooled against their own")
+    p.add_argument("--ai-labels", type=Path,
+                   help="AI labels (what `rlhf judge` writes): the admin page shows their agreement with the human answers, overall and per principle")
     p.add_argument("--workers", type=int, default=1, help="server processes (they share the SQLite file)")
     p.add_argument("--root-path", default="", help="the path the app is served under behind a proxy, e.g. /label")
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
