@@ -18,7 +18,7 @@
     rlhf cai      recipes/demo.yaml [cai.prompts=[redteam.jsonl] ...]   (critiques and revisions by a judge, as SFT data)
     rlhf loop     status|continue runs/demo-loop
     rlhf bench    [--size tiny|small] [--precision fp32|bf16] [--new-tokens 32] [--batch 16]
-    rlhf demo data --out DIR          rlhf demo base --out DIR
+    rlhf demo data --out DIR          rlhf demo base --out DIR          rlhf demo judge --out DIR
 
 `rlhf sft --help` lists every key of the stage with its default, allowed range and meaning.
 A bad value or option is an `error: ...` line on stderr and exit code 2, before any work.
@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0)
     base = demo_sub.add_parser("base", help="rebuild the tiny demo base model from scratch")
     base.add_argument("--out", required=True)
+    judge_model = demo_sub.add_parser("judge", help="rebuild the demo's judge model (the stand-in for an instruct model) from gold labels")
+    judge_model.add_argument("--out", required=True)
+    judge_model.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -326,3 +329,8 @@ def run(args: argparse.Namespace) -> None:
 
         pretrain(args.out)
         print(f"demo base model written to {args.out}")
+    elif args.command == "demo" and args.demo_command == "judge":
+        from rlhf.demo.judge import build_judge
+
+        build_judge(args.out, args.seed)
+        print(f"demo judge model written to {args.out}")

@@ -143,7 +143,7 @@ class JudgeConfig:
     both_orders: bool = True
     """Judge pairs and rankings in both orders and average them, so that position bias cancels."""
     logprobs: Literal["auto", "on", "off"] = "auto"
-    """Read the answer tokens' probabilities: auto (ask, and parse the text where the endpoint refuses), on (required), off (always parse the text)."""
+    """Read the answer tokens' probabilities: auto (ask for them, and parse the text where the endpoint refuses or sends none), on (required), off (always parse the text)."""
     max_tokens: PositiveInt = 16
     """Tokens the judge may answer with."""
     concurrency: PositiveInt = 4
@@ -357,7 +357,7 @@ class OpenAIBackend:
         self.lock = threading.Lock()
 
     def settings(self) -> dict:
-        return {"max_tokens": self.config.max_tokens, "logprobs": self.use_logprobs}
+        return {"max_tokens": self.config.max_tokens, "logprobs": self.config.logprobs}  # the setting: what was served is found out on the way
 
     def answer(self, queries: list[Query], done: Callable[[int, Reply], None]) -> None:
         if not queries:

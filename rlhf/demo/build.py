@@ -16,6 +16,7 @@ Files (the formats of rlhf/data.py):
     personal_train.jsonl      1220 rankings of 4 replies: 400 by each persona (`gold.PERSONAS`),
                               20 by a newcomer (the "typical" labeler)
     personal_eval.jsonl        450 rankings of 4 replies on held-out questions, 150 by each persona
+    redteam.jsonl               64 red-team prompts, "kind": "harmful" (rlhf/demo/redteam.py), for `rlhf cai`
 
 Feedback is given on replies drawn from the demonstration mix, as labelers would judge samples
 of the fine-tuned policy. The gold-labelled evaluation pairs and rankings are clear-cut: the gold
@@ -35,6 +36,7 @@ from pathlib import Path
 from rlhf.data import write_jsonl
 from rlhf.demo.corpus import DEMO_MIX, ReplyMix, format_completion, format_prompt, sample_exchange, sample_reply, split_questions
 from rlhf.demo.gold import LABELERS, PERSONAS, THUMBS_UP, gold_breakdown, gold_score
+from rlhf.demo.redteam import write_redteam_prompts
 
 DEMONSTRATIONS = 2000
 PREFERENCES, PREFERENCES_EVAL = 3000, 500
@@ -42,6 +44,7 @@ RANKINGS, RANKINGS_EVAL, RANKING_SIZE = 1000, 200, 4
 RATINGS, RATINGS_EVAL = 2000, 500
 MIN_GOLD_MARGIN = 0.5
 PERSONAL, PERSONAL_EVAL, NEWCOMER = 400, 150, 20
+REDTEAM = 64
 POLISHED_MIX = ReplyMix(
     body=(0.9, 0.05, 0.05),
     opener=(0.85, 0.05, 0.1),
@@ -140,6 +143,7 @@ def build(out_dir: str | Path, seed: int = 0) -> dict[str, float]:
     personal_rng.shuffle(train)
     write_jsonl(out / "personal_train.jsonl", train)
     write_jsonl(out / "personal_eval.jsonl", [r for persona in PERSONAS for r in personal(persona, eval_questions, PERSONAL_EVAL)])
+    write_redteam_prompts(out / "redteam.jsonl", REDTEAM, seed)
 
     demo_scores = [gold_breakdown(d.prompt, d.completion) for d in demos]
     return {
