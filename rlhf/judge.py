@@ -354,6 +354,7 @@ class OpenAIBackend:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(timeout=config.timeout, headers=headers)
         self.use_logprobs = config.logprobs != "off"
+        self.probed = config.logprobs != "auto"  # auto: whether log-probs are served is not known yet
         self.lock = threading.Lock()
 
     def settings(self) -> dict:
@@ -362,8 +363,9 @@ class OpenAIBackend:
     def answer(self, queries: list[Query], done: Callable[[int, Reply], None]) -> None:
         if not queries:
             return
-        if self.use_logprobs and self.config.logprobs == "auto":
+        if not self.probed:
             done(0, self.ask(queries[0]))  # the first answer tells whether log-probs are served
+            self.probed = True
             queries = [None, *queries[1:]]
         failure = None
         with ThreadPoolExecutor(self.config.concurrency) as pool:
