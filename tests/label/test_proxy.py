@@ -20,7 +20,7 @@ import pytest
 from rlhf.label.db import Store
 
 from .conftest import free_port, make_project
-from .test_browser import PAIR_RECORDS, cli, item_on, press
+from .test_browser import PAIR_RECORDS, cli, item_on, press, press_sign_in
 
 NGINX_CONF = """
 daemon off;
@@ -105,7 +105,7 @@ def test_sign_in_and_answer_through_nginx_with_tls_and_a_root_path(browser, serv
     responses = []
     page.on("response", lambda r: responses.append((r.status, r.url)))
     page.goto(link)
-    page.keyboard.press("Enter")
+    press_sign_in(page)
     page.wait_for_url(f"{url}/label")
     (cookie,) = context.cookies()
     assert cookie["secure"] and cookie["path"] == "/label" and cookie["sameSite"] == "Lax"
