@@ -47,7 +47,9 @@ from rlhf.models import (
 )
 from rlhf.rollout import LocalEngine, Rollout, RolloutEngine, generate, policy_forward, reference_forward, score, timed
 from rlhf.sampling import SamplingConfig
-from rlhf.scoring import FunctionScore, RewardSourceConfig, check_reward_path, check_reward_source, load_function, load_reward_source
+from rlhf.scoring import (
+    FunctionScore, RewardSourceConfig, check_references, check_reward_path, check_reward_source, load_function, load_references, load_reward_source,
+)
 from rlhf.tracking import Tracker, keep_steps_until
 from rlhf.training import Precision
 
@@ -387,8 +389,9 @@ def check_config(config: RLConfig, num_processes: int, section: str, group_size:
 
 
 def validate(config: RLConfig, num_processes: int, section: str, group_size: int = 1) -> None:
-    """What can be checked before loading prompts or a model: the recipe, the models' paths, and
-    room for a prompt beside `max_new_tokens` in the policy's context."""
+    """What can be checked before loading a model: the recipe, the models' paths, room for a prompt
+    beside `max_new_tokens` in the policy's context, and a reference response for every prompt
+    where a judge compares with them."""
     check_config(config, num_processes, section, group_size)
     check_model_path(f"{section}.policy", config.policy)
     if config.reference:
@@ -396,6 +399,9 @@ def validate(config: RLConfig, num_processes: int, section: str, group_size: int
     check_chat_template(config.chat_template, f"{section}.chat_template")
     check_generation_room(f"{section}.generation.max_new_tokens", config.policy, config.generation.max_new_tokens)
     check_reward_path(config.reward, f"{section}.reward")
+    if config.reward.kind == "judge" and config.reward.reference:
+        prompts = [r.prompt for r in load_prompts(config.prompts.train, config.prompts.skip_invalid)]
+        check_references(load_references(config.reward.reference), config.reward.reference, prompts, f"{section}.reward.reference")
 
 
 def train(config: RLConfig, algorithm: Algorithm) -> Path:

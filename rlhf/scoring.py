@@ -56,6 +56,10 @@ class RewardSourceConfig:
     """Sequences per forward pass."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """kind judge only: the judge, its constitution and its cache (the keys of the recipe's `judge` section)."""
+    reference: str = ""
+    """kind judge only: a JSONL of {prompt, completion} records (the SFT data format) giving each
+    prompt a reference response; the reward is then the judge's P(the policy's response is better
+    than the reference), asked in both orders, in place of its 1-7 rating."""
 
 
 class SequenceClassifierScore:
@@ -159,26 +163,63 @@ class FunctionScore:
         return torch.tensor([float(s) for s in scores], dtype=torch.float32)
 
 
+def load_references(path: str) -> dict[str, Content]:
+    """{prompt key: reference completion} from a JSONL of {prompt, completion} records; a
+    DataError naming the file, line and field for a conversation record or a prompt given twice."""
+    references: dict[str, Content] = {}
+    for record in load_demonstrations(path):
+        if record.messages is not None:
+            raise DataError(record.source, "a reference is a {prompt, completion} record", "messages")
+        key = prompt_key(record.prompt)
+        if key in references and references[key] != record.completion:
+            raise DataError(record.source, "a second, different reference for a prompt given before", "prompt")
+        references[key] = record.completion
+    return references
+
+
+def prompt_key(prompt: Content) -> str:
+    return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+
+
+def check_references(references: dict[str, Content], path: str, prompts: list[Content], key: str) -> None:
+    """A ConfigError naming `key` unless every prompt has a reference response in `references` (read from `path`)."""
+    missing = [p for p in prompts if prompt_key(p) not in references]
+    if missing:
+        raise ConfigError(
+            f"{key}: {path} has no reference response for {len(missing)} of {len(prompts)} prompts, "
+            f"e.g. {reply_text(missing[0])[:200]!r}: give each prompt a {{prompt, completion}} record"
+        )
+
+
 class JudgeScore:
-    """An AI judge's rating of each completion by its constitution, scaled to [0, 1].
+    """An AI judge's rating of each completion by its constitution, scaled to [0, 1]; or, given
+    `reference` (a file of reference responses), the judge's probability that the completion is
+    better than its prompt's reference, asked in both orders so that position bias cancels.
 
     One batch of questions per call, sent `judge.concurrency` at a time and cached on disk, so
     that a completion the policy writes again is not asked again. A rating the judge's answer
     does not give (unparseable) scores the batch's mean: it neither rewards nor punishes, and it
     is counted in `metrics()`, which the RL loop logs with each step."""
 
-    def __init__(self, config: JudgeConfig):
+    def __init__(self, config: JudgeConfig, reference: str = ""):
         from rlhf.judge import Judge
 
         self.constitution = check_judge(config, "reward.judge")
         self.judge = Judge(config, progress=False)
+        self.reference = reference
+        self.references = load_references(reference) if reference else None
         self.unparseable = self.scored = 0
 
     def __call__(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
-        from rlhf.judge import judge_ratings
+        from rlhf.judge import judge_pairs, judge_ratings
 
-        verdicts = judge_ratings(self.judge, self.constitution, [(p, c, None) for p, c in zip(prompts, completions)])
-        scores = [(v.value - 1) / 6 if v.value is not None else None for v in verdicts]
+        if self.references is not None:
+            check_references(self.references, self.reference, prompts, "reward.reference")
+            pairs = [(p, c, self.references[prompt_key(p)], None) for p, c in zip(prompts, completions)]
+            scores = [v.value for v in judge_pairs(self.judge, self.constitution, pairs)]
+        else:
+            verdicts = judge_ratings(self.judge, self.constitution, [(p, c, None) for p, c in zip(prompts, completions)])
+            scores = [(v.value - 1) / 6 if v.value is not None else None for v in verdicts]
         known = [s for s in scores if s is not None]
         fill = sum(known) / len(known) if known else 0.5
         self.unparseable += len(scores) - len(known)
@@ -213,6 +254,8 @@ def check_reward_source(config: RewardSourceConfig, key: str) -> None:
     if config.kind == "judge":
         check_judge(config.judge, f"{key}.judge")
         return
+    if config.reference:
+        raise ConfigError(f"{key}.reference: only an AI judge (kind judge) compares with reference responses, got kind {config.kind}")
     if not config.path:
         raise ConfigError(f"{key}.path is required: a model directory, hub id or module:function")
     if config.kind == "function":
@@ -227,6 +270,8 @@ def check_reward_path(config: RewardSourceConfig, key: str) -> None:
     """Refuse a reward model or classifier at a local path that does not exist (an earlier stage
     may write it: checked when the stage that reads it starts)."""
     if config.kind == "judge":
+        if config.reference:  # the file's records, before anything loads
+            load_references(config.reference)
         return
     if config.kind != "function":
         check_model_path(f"{key}.path", config.path)
@@ -241,7 +286,7 @@ def check_reward_path(config: RewardSourceConfig, key: str) -> None:
 
 def load_reward_source(config: RewardSourceConfig, device: str | torch.device = "cpu") -> RewardSource:
     if config.kind == "judge":
-        return JudgeScore(config.judge)
+        return JudgeScore(config.judge, config.reference)
     if not config.path:
         raise ConfigError("the reward source needs a path (a model directory, hub id or module:function)")
     if config.kind == "function":

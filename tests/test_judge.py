@@ -298,3 +298,57 @@ def test_loop_labels_with_the_judge_and_resumes(endpoint, tmp_path):
     assert {r["labeler"] for r in records} == {"ai:judge-7b"} and (tmp_path / "judge_cache.jsonl").is_file()
     asked = len(endpoint.requests)
     assert judge_feedback(config, rnd, items) == records and len(endpoint.requests) == asked  # the round's cache answers
+
+
+# ---------------------------------------------------------------- reward.kind judge against reference responses
+
+def references_file(tmp_path, rows) -> Path:
+    path = tmp_path / "references.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
+    return path
+
+
+def test_reward_against_a_reference_is_the_probability_of_beating_it(endpoint, tmp_path):
+    from rlhf.scoring import RewardSourceConfig, load_reward_source
+
+    other = "User: Where is my invoice?\nAssistant:"
+    reference = references_file(tmp_path, [(PROMPT, MIDDLE), (other, MIDDLE)])
+    config = RewardSourceConfig(kind="judge", judge=judge_config(endpoint.url, tmp_path), reference=str(reference))
+    source = load_reward_source(config)
+    # This judge prefers the shorter response in both orders: shorter than the reference wins.
+    assert source([PROMPT, other, PROMPT], [SHORT, LONG, LONG]).tolist() == [1.0, 0.0, 0.0]
+    asked = [body["messages"][-1]["content"] for body in endpoint.requests]
+    assert len(asked) == 6 and all(MIDDLE.strip() in text and "Response B:" in text for text in asked)
+    assert sum(text.index(MIDDLE.strip()) < text.index("Response B:") for text in asked) == 3  # the reference in each place once
+
+
+def test_reward_reference_errors_name_the_key_file_and_line(endpoint, tmp_path):
+    from rlhf.config import ConfigError
+    from rlhf.scoring import RewardSourceConfig, check_reward_path, check_reward_source, load_reward_source
+
+    reference = references_file(tmp_path, [(PROMPT, MIDDLE)])
+    source = load_reward_source(RewardSourceConfig(kind="judge", judge=judge_config(endpoint.url, tmp_path), reference=str(reference)))
+    with pytest.raises(ConfigError, match=r"reward.reference: .*references.jsonl has no reference response for 1 of 2 prompts, e.g. 'User: Where is my invoice\?"):
+        source([PROMPT, "User: Where is my invoice?\nAssistant:"], [SHORT, SHORT])
+    assert endpoint.requests == []  # refused before a question is asked
+    twice = references_file(tmp_path, [(PROMPT, MIDDLE), (PROMPT, LONG)])
+    with pytest.raises(DataError, match=r"references.jsonl:2.*prompt.*a second, different reference"):
+        check_reward_path(RewardSourceConfig(kind="judge", reference=str(twice)), "ppo.reward")
+    with pytest.raises(ConfigError, match=r"ppo.reward.reference: only an AI judge"):
+        check_reward_source(RewardSourceConfig(kind="model", path="rm", reference=str(reference)), "ppo.reward")
+
+
+def test_ppo_refuses_prompts_without_a_reference_before_loading_anything(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n" + json.dumps({"prompt": "User: Where is my invoice?\nAssistant:"}) + "\n")
+    reference = references_file(tmp_path, [(PROMPT, MIDDLE)])
+    policy = Path(__file__).parent.parent / "rlhf" / "demo" / "judge_model"  # any model directory: nothing is loaded
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"ppo": {
+        "policy": str(policy), "prompts": {"train": [str(prompts)]}, "output_dir": str(tmp_path / "out"),
+        "reward": {"kind": "judge", "reference": str(reference), "judge": {"backend": "local", "model": str(policy), "constitution": str(CONSTITUTION)}},
+    }}))
+    result = run_cli("ppo", "--config", str(recipe))
+    assert result.returncode == 2, result.stderr
+    assert "ppo.reward.reference:" in result.stderr and "no reference response for 1 of 2 prompts" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

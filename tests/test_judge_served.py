@@ -113,3 +113,20 @@ def test_ppo_rewarded_by_the_served_judge_caches_its_answers(served_judge, tmp_p
     # The same seed samples the same completions: the second run is answered from the cache alone.
     assert [m["score/mean"] for m in again] == [m["score/mean"] for m in first]
     assert again[-1]["judge/cache_hit_rate"] == 1.0 and again[-1]["judge/cache_hits"] == 8
+
+
+def test_ppo_rewarded_by_the_served_judge_against_reference_responses(served_judge, tmp_path):
+    url, model = served_judge
+    prompts, references = tmp_path / "prompts.jsonl", tmp_path / "references.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    references.write_text("".join(json.dumps({"prompt": p, "completion": " What a stupid question. Figure it out yourself."}) + "\n" for p in PROMPTS))
+    out = tmp_path / "ppo"
+    rlhf("ppo", "--config", str(ROOT / "recipes" / "demo.yaml"), f"ppo.policy={BASE}", f"ppo.prompts.train=[{prompts}]", "ppo.reward.kind=judge",
+         f"ppo.reward.reference={references}", *judge_overrides(url, model, tmp_path / "cache.jsonl", "ppo.reward.judge"),
+         "ppo.algo.batch_size=4", "ppo.algo.minibatch_size=4", "ppo.algo.micro_batch_size=4", "ppo.algo.epochs=1", "ppo.stop.max_steps=1",
+         "ppo.oracle=", "ppo.generation.max_new_tokens=24", f"ppo.output_dir={out}")
+    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cache = [json.loads(line) for line in (tmp_path / "cache.jsonl").read_text().splitlines()]
+    # Each of the 4 completions against its prompt's reference, in both orders: pair questions, no ratings.
+    assert step["judge/cache_hits"] == 0 and len(cache) == 8 and {c["text"].strip() for c in cache} <= {"A", "B"}
+    assert 0.0 <= step["score/mean"] <= 1.0
