@@ -10,7 +10,8 @@ responses, a critique by each principle and a revision, as SFT data.
    current response by it (`rlhf.judge.critique_query`), then rewrites the response to meet the
    critique (`revision_query`). The critiques of every prompt go to the judge in one batch, then
    the revisions. A critique that finds no problem (`rlhf.judge.NO_PROBLEM`) keeps the response
-   and asks for no revision; an empty critique or an empty revision keeps it too, and is counted.
+   and asks for no revision; an empty critique or an empty revision keeps it too, and so does a
+   revision cut at `judge.max_tokens` (half a response); each is counted.
 3. The principles are applied in turn, in the constitution's order, each of those that apply to
    the prompt's kind (its record's `kind`; every principle where none applies, as `rlhf judge`
    does); `revisions` sets how many steps, going round the principles again after the last.
@@ -128,9 +129,10 @@ def sample_responses(config: CAIConfig, prompts: list) -> tuple[list, list[str]]
     return prompts, responses
 
 
-OUTCOMES = ("revised", "same response", "no problem", "empty critique", "empty revision")
+OUTCOMES = ("revised", "same response", "no problem", "empty critique", "empty revision", "cut revision")
 """What a step did: the response revised; a revision identical to it; a critique that found no
-problem; an empty critique; an empty revision (the last four keep the response)."""
+problem; an empty critique; an empty revision; a revision cut at judge.max_tokens, not whole
+(the last five keep the response)."""
 
 
 def revise(judge: Judge, constitution: Constitution, items: list[tuple[Content, str | None, str]], revisions: int = 0) -> tuple[list[dict], Counter]:
@@ -165,6 +167,9 @@ def revise(judge: Judge, constitution: Constitution, items: list[tuple[Content, 
             entry["revision"] = revision
             if not revision:
                 entry["outcome"] = "empty revision"
+                continue
+            if reply.cut:  # half a response is no revision of it: raise judge.max_tokens
+                entry["outcome"] = "cut revision"
                 continue
             revised = as_completion(revision, chains[i]["initial"])
             if reply_text(revised).strip() == reply_text(chains[i]["completion"]).strip():
@@ -215,9 +220,9 @@ def run(config: CAIConfig, judge: Judge | None = None) -> Path:
         summary["oracle"] = oracle_scores(config.oracle, chains)
     (out / "cai.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     log.info(
-        "cai: %d prompts, %d revised, %d unchanged, %d failed; %d empty critiques, %d empty revisions; %s",
-        summary["prompts"], summary["revised"], summary["unchanged"], summary["failed"],
-        summary["step_outcomes"]["empty critique"], summary["step_outcomes"]["empty revision"], out,
+        "cai: %d prompts, %d revised, %d unchanged, %d failed; %d empty critiques, %d empty revisions, %d revisions cut at judge.max_tokens; %s",
+        summary["prompts"], summary["revised"], summary["unchanged"], summary["failed"], summary["step_outcomes"]["empty critique"],
+        summary["step_outcomes"]["empty revision"], summary["step_outcomes"]["cut revision"], out,
     )
     return out / "sft.jsonl"
 

@@ -195,6 +195,8 @@ class Reply:
     text: str
     probs: dict[str, float] | None = None
     """P(choice), renormalised over the choices, when the judge gave token probabilities."""
+    cut: bool = False
+    """The answer stopped at judge.max_tokens, not at its end (OpenAI's finish_reason "length")."""
 
 
 def _principles_text(principles: list[Principle]) -> tuple[str, str]:
@@ -296,7 +298,7 @@ class JudgeCache:
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     entry = json.loads(line)
-                    self.entries[entry["key"]] = Reply(entry["text"], entry.get("probs"))
+                    self.entries[entry["key"]] = Reply(entry["text"], entry.get("probs"), bool(entry.get("cut", False)))
                 except (ValueError, KeyError, TypeError):
                     continue
 
@@ -320,7 +322,7 @@ class JudgeCache:
             if self.path:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with self.path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "text": reply.text, "probs": reply.probs}) + "\n")
+                    f.write(json.dumps({"key": key, "text": reply.text, "probs": reply.probs} | ({"cut": True} if reply.cut else {})) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
 
@@ -444,7 +446,7 @@ class OpenAIBackend:
                 if self.use_logprobs:
                     log.warning("%s sends no log-probs; the judge's answers are read from their text", self.url)
                 self.use_logprobs = False
-        return Reply(text, probs)
+        return Reply(text, probs, choice.get("finish_reason") == "length")
 
 
 def top_logprob_choices(top: list[dict], choices: tuple[str, ...]) -> dict[str, float] | None:
@@ -510,12 +512,14 @@ class LocalBackend:
                 )
             first = torch.log_softmax(out.scores[0].float(), dim=-1)
             for row, q in enumerate(batch):
-                tokens = [t for t in out.sequences[row, ids.shape[1] :].tolist() if t not in stops and t != self.tokenizer.pad_token_id]
+                generated = out.sequences[row, ids.shape[1] :].tolist()
+                cut = len(generated) == self.config.max_tokens and not any(t in stops for t in generated)
+                tokens = [t for t in generated if t not in stops and t != self.tokenizer.pad_token_id]
                 probs = None
                 if q.choices:
                     spelled = self._choice_ids(q.choices)
                     probs = {c: float(first[row, spelled[c]].exp().sum()) if spelled[c] else 0.0 for c in q.choices}
-                done(start + row, Reply(self.tokenizer.decode(tokens, skip_special_tokens=True), probs))
+                done(start + row, Reply(self.tokenizer.decode(tokens, skip_special_tokens=True), probs, cut))
 
 
 class Judge:

@@ -2,7 +2,8 @@
 
 Its judge prefers the shorter response (pair), rates by length (rate) and ranks shortest first,
 so that every label it gives can be checked by hand. `plan` is a list of behaviours consumed one
-per request ("ok", "logprobs", "429", "500", "garbage", "slow", "unsure"); when it runs out,
+per request ("ok", "logprobs", "429", "500", "garbage", "slow", "unsure", "cut": finish_reason
+"length"); when it runs out,
 `default` applies. Every request body is kept in `requests`.
 """
 
@@ -59,7 +60,7 @@ class Endpoint:
                     return self.reply(200, b"<html>upstream proxy error</html>")
                 answer = verdict(body["messages"][-1]["content"])
                 message = {"role": "assistant", "content": "I cannot tell." if mode == "unsure" else answer}
-                choice = {"index": 0, "message": message, "finish_reason": "stop"}
+                choice = {"index": 0, "message": message, "finish_reason": "length" if mode == "cut" else "stop"}
                 if mode == "logprobs" and body.get("logprobs"):
                     # The chosen letter at 0.8 and the other at 0.15: the rest is elsewhere in the vocabulary.
                     other = "B" if answer == "A" else "A"

@@ -251,3 +251,19 @@ def test_the_command_refuses_a_bad_key_with_exit_code_2(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit:
             main(["cai", str(recipe), override])
         assert exit.value.code == 2 and message in capsys.readouterr().err, override
+
+
+def test_a_revision_cut_at_max_tokens_keeps_the_response():
+    constitution = Constitution([Principle("harmless", "be kind")], "c.yaml")
+
+    class Cut(Scripted):
+        def answer(self, queries, done) -> None:
+            for i, q in enumerate(queries):
+                critique = q.messages[0]["content"].startswith("Critique")
+                done(i, Reply("It is rude.") if critique else Reply("Sorry for the", cut=True))
+
+    judge = Judge(JudgeConfig(model="scripted", constitution=str(CONSTITUTION)), Cut({}, {}), progress=False)
+    (chain,), counts = cai.revise(judge, constitution, [("User: hi\nAssistant:", None, " Go away.")])
+    assert [(s["outcome"], s["revision"]) for s in chain["steps"]] == [("cut revision", "Sorry for the")]
+    assert chain["completion"] == " Go away." and counts == {("harmless", "cut revision"): 1}
+

@@ -352,3 +352,15 @@ def test_ppo_refuses_prompts_without_a_reference_before_loading_anything(tmp_pat
     assert result.returncode == 2, result.stderr
     assert "ppo.reward.reference:" in result.stderr and "no reference response for 1 of 2 prompts" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_answer_cut_at_max_tokens_is_marked_and_cached_so(endpoint, tmp_path):
+    from rlhf.judge import Judge, Query
+
+    endpoint.plan = ["cut", "ok"]
+    config = judge_config(endpoint.url, tmp_path, concurrency=1)  # the plan is consumed in the queries' order
+    queries = [Query([{"role": "user", "content": f"Rewrite the response.\n\nResponse:\n{text}\n\n"}]) for text in (LONG, SHORT)]
+    first = Judge(config, progress=False).ask(queries)
+    assert [r.cut for r in first] == [True, False]
+    again = Judge(config, progress=False).ask(queries)  # from the cache alone
+    assert [r.cut for r in again] == [True, False] and len(endpoint.requests) == 2
