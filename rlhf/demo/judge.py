@@ -1,7 +1,7 @@
 """The demo judge: a tiny causal LM taught the judge questions of rlhf/judge.py from gold labels,
 standing in for an instruct model (no instruct LLM can be downloaded for the demo).
 
-    python -m rlhf.demo.judge --out runs/demo/judge [--steps 2500] [--seed 0]
+    rlhf demo judge --out runs/demo/judge [--steps 4500] [--seed 0]   # or python -m rlhf.demo.judge
     transformers serve --force-model runs/demo/judge ...     # or judge.backend: local
 
 It answers, in the prompts rlhf/judge.py builds (pair_query, rank_query, rate_query,
@@ -15,8 +15,10 @@ critique_query, revision_query) with the principles of the demo constitution
               pair is taught in both orders, so no position is favoured.
     rate      "1" .. "7": the gold score binned by RATING_EDGES
     rank      "B > A > D > C": 3 or 4 replies by gold
-    critique  the gold critic's sentence, or "No problem." (rlhf/demo/reviser.py)
-    revision  the gold reviser's rewrite of the reply
+    critique  the gold critic's sentence, or "No problem." (rlhf/demo/reviser.py), asked mostly
+              about replies with a problem, a share of them to red-team prompts
+              (rlhf/demo/redteam.py), as `rlhf cai` asks
+    revision  the gold reviser's rewrite of the reply, asked the same way
 
 on questions outside the held-out set alone, about replies drawn from the demo's mixes of every
 quality (`corpus.PRETRAIN_MIX`, `corpus.DEMO_MIX`, `build.POLISHED_MIX`), a tenth of them cut
@@ -33,14 +35,20 @@ from EOS and the chat template `rlhf.encoding.FALLBACK_CHAT_TEMPLATE` ("User: ..
 turns, the assistant's closed by EOS), so that `transformers serve` and `render_prompt` give the
 model the same tokens.
 
-The model is a 4-layer, 256-wide GPT-2 trained from scratch (`STEPS` steps of `BATCH_SIZE`
-questions, bf16 autocast where `rlhf.training.use_bf16` says it pays on this CPU), about five
-minutes on 2 CPU cores, deterministic from the seed; starting from the shipped base model's
+The model is a 2-layer, 256-wide GPT-2 trained from scratch (`STEPS` steps of `BATCH_SIZE`
+questions, bf16 autocast where `rlhf.training.use_bf16` says it pays on this CPU), about 22
+minutes on 2 AVX2 cores in fp32, deterministic from the seed; starting from the shipped base model's
 weights did no better in the same time (its word-level tokens are not this tokenizer's). At the
 end it is evaluated, through `rlhf.judge`'s local backend, on held-out questions: agreement with
 gold on clear-cut pairs (gold margin >= `build.MIN_GOLD_MARGIN`) judged in both orders by the
 answer probabilities, its position-bias rate, and the other tasks; written to `judge_eval.json`
 in the model directory and printed.
+
+The model shipped in rlhf/demo/judge_model is this build at its defaults, seed 0, made on an AMD
+EPYC with AVX2 (fp32), its `judge_eval.json` beside it. On a CPU where bf16 pays the build runs
+under bf16 autocast, so its weights differ from the shipped ones.
+Its revisions are its weakest task: two layers copy a reply's sentences poorly, so it often puts
+in another sentence than the one the critique asks for (`revisions_gold_gain` in the report).
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ from rlhf.demo.corpus import (
     all_questions, format_completion, format_prompt, sample_reply, split_questions,
 )
 from rlhf.demo.gold import gold_score
+from rlhf.demo.redteam import frame
 from rlhf.demo.reviser import PRINCIPLES, gold_critique, gold_revision, principle_score
 from rlhf.encoding import FALLBACK_CHAT_TEMPLATE
 
@@ -84,9 +93,11 @@ VOCAB_SIZE = 4096
 TOKENIZER_TEXTS = 5000
 """Training questions (with their answers) the tokenizer is trained on, beside the world's sentences."""
 N_POSITIONS = 256
-STEPS = 2500
+N_LAYER = 2
+"""Two layers learned the questions as well as four did in the same time, in twice the steps."""
+STEPS = 4500
 BATCH_SIZE = 32
-LR = 2e-3
+LR = 1e-3
 WARMUP_STEPS = 50
 TASKS = {"pair": 0.55, "rank": 0.1, "rate": 0.1, "critique": 0.1, "revision": 0.15}
 """Share of the training questions of each task; a pair is asked in both orders (two questions)."""
@@ -98,6 +109,14 @@ ALL_PRINCIPLES = 0.6
 TIE_KEPT = 0.25
 """Share of single-principle pairs kept where the principle's part of gold ties (a 50/50 target):
 enough to teach that a principle can be indifferent, few enough not to spend the steps on it."""
+CLEAN_CRITIQUED = 0.15
+CLEAN_REVISED = 0.15
+"""Share of clean replies (no problem by the principle) kept among the critique and the revision
+questions: mostly replies with a problem, which `rlhf cai` asks about; taught at the rate replies
+come, the critique question is answered "No problem." whatever the reply."""
+REDTEAM = 0.3
+"""Share of the critique and revision questions on red-team prompts (rlhf/demo/redteam.py framing a
+training question), the prompts `rlhf cai` asks about."""
 PAIR_TEMPERATURE = 0.1
 RATING_EDGES = (-2.0, 0.0, 1.5, 2.5, 3.2, 3.8)
 """Gold scores from which each rating from 2 to 7 starts: 1 is an insult's, 5 a plain answer's
@@ -131,16 +150,20 @@ def _reply(rng: random.Random, topic: str, mix: ReplyMix, cut_short: float) -> s
     return format_completion(reply)
 
 
-def sample_replies(rng: random.Random, questions: list[tuple[str, str]], k: int, mix: ReplyMix | None = None, cut_short: float = CUT_SHORT) -> tuple[str, list[str]]:
-    """A prompt and `k` distinct completions to it, each from `mix` (None: one of MIXES, drawn for the prompt)."""
+def sample_replies(
+    rng: random.Random, questions: list[tuple[str, str]], k: int, mix: ReplyMix | None = None, cut_short: float = CUT_SHORT, redteam: float = 0.0,
+) -> tuple[str, list[str]]:
+    """A prompt and `k` distinct completions to it, each from `mix` (None: one of MIXES, drawn for
+    the prompt); with probability `redteam` the question is framed as a red-team prompt."""
     topic, question = rng.choice(questions)
+    prompt = format_prompt(frame(rng, question) if redteam and rng.random() < redteam else question)
     mix = mix or rng.choice(MIXES)
     completions: list[str] = []
     while len(completions) < k:
         completion = _reply(rng, topic, mix, cut_short)
         if completion not in completions:
             completions.append(completion)
-    return format_prompt(question), completions
+    return prompt, completions
 
 
 def rating(score: float) -> str:
@@ -175,19 +198,25 @@ def _rate_example(rng: random.Random, questions, constitution: Constitution) -> 
     return Example(rate_query(prompt, completion, constitution.principles).messages[0]["content"], rating(gold_score(prompt, completion)))
 
 
+def _flawed_reply(rng: random.Random, questions, principle: str, keep_clean: float) -> tuple[str, str, str]:
+    """A prompt (a red-team one for a share `REDTEAM`), a reply and the gold critique of it by
+    `principle`: one the principle finds a problem in, but for a share `keep_clean` of clean ones."""
+    while True:
+        prompt, (completion,) = sample_replies(rng, questions, 1, redteam=REDTEAM)
+        critique = gold_critique(prompt, completion, principle)
+        if critique != NO_PROBLEM or rng.random() < keep_clean:
+            return prompt, completion, critique
+
+
 def _critique_example(rng: random.Random, questions, constitution: Constitution) -> Example:
-    prompt, (completion,) = sample_replies(rng, questions, 1)
     principle = rng.choice(constitution.principles)
-    return Example(critique_query(prompt, completion, principle).messages[0]["content"], gold_critique(prompt, completion, principle.name))
+    prompt, completion, critique = _flawed_reply(rng, questions, principle.name, CLEAN_CRITIQUED)
+    return Example(critique_query(prompt, completion, principle).messages[0]["content"], critique)
 
 
 def _revision_example(rng: random.Random, questions, constitution: Constitution) -> Example:
     principle = rng.choice(constitution.principles)
-    while True:  # mostly replies with something to revise: those are what `rlhf cai` asks about
-        prompt, (completion,) = sample_replies(rng, questions, 1)
-        critique = gold_critique(prompt, completion, principle.name)
-        if critique != NO_PROBLEM or rng.random() < 0.15:
-            break
+    prompt, completion, critique = _flawed_reply(rng, questions, principle.name, CLEAN_REVISED)
     revision = gold_revision(prompt, completion, principle.name)
     return Example(revision_query(prompt, completion, principle, critique).messages[0]["content"], revision.strip())
 
@@ -321,7 +350,7 @@ def build_judge(out: str | Path, seed: int = 0, steps: int = STEPS, eval_pairs: 
         raise ValueError(f"a training question of {longest} tokens does not fit the judge's {N_POSITIONS} positions")
 
     model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_positions=N_POSITIONS, n_embd=256, n_layer=4, n_head=4,
+        vocab_size=len(tokenizer), n_positions=N_POSITIONS, n_embd=256, n_layer=N_LAYER, n_head=4,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))

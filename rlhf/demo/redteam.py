@@ -58,7 +58,9 @@ UNKNOWN_QUESTIONS = (
 )
 
 
-def _frame(rng: random.Random, question: str, rude: bool) -> str:
+def frame(rng: random.Random, question: str, rude: bool = True) -> str:
+    """`question` ("how do I ...?") as a red-team prompt's text: between a provoking opener and
+    sign-off when `rude`, else as asked."""
     if not rude:
         return question[0].upper() + question[1:]
     opener = rng.choice(PROVOKING_OPENERS)
@@ -75,9 +77,9 @@ def redteam_prompts(n: int, seed: int = 0) -> list[dict]:
         if len(prompts) == n:
             break
         if rng.random() < UNKNOWN_FRACTION:
-            text = _frame(rng, rng.choice(UNKNOWN_QUESTIONS), rude=rng.random() < 0.5)
+            text = frame(rng, rng.choice(UNKNOWN_QUESTIONS), rude=rng.random() < 0.5)
         else:
-            text = _frame(rng, rng.choice(rng.choice(TOPICS).questions), rude=True)
+            text = frame(rng, rng.choice(rng.choice(TOPICS).questions), rude=True)
         prompts[format_prompt(text)] = None
     if len(prompts) < n:
         raise ValueError(f"the demo's red-team framings give {len(prompts)} distinct prompts, fewer than the {n} asked")
