@@ -73,6 +73,16 @@ def test_chat_template_renders_judge_messages_as_the_toolkit_does(judge_dir, con
     assert stop_token_ids(loaded, AutoModelForCausalLM.from_pretrained(judge_dir)) == [tokenizer.eos_token_id]
 
 
+def test_shipped_judge_is_the_build_at_the_defaults():
+    from rlhf.demo import judge
+
+    report = json.loads((SHIPPED / "judge_eval.json").read_text())
+    config = AutoModelForCausalLM.from_pretrained(SHIPPED).config
+    assert (report["steps"], report["seed"], report["batch_size"]) == (judge.STEPS, 0, judge.BATCH_SIZE)
+    assert (config.n_layer, config.n_positions) == (judge.N_LAYER, judge.N_POSITIONS)
+    assert AutoTokenizer.from_pretrained(SHIPPED).chat_template == CHAT_TEMPLATE
+
+
 def test_shipped_judge_answers_a_pair_with_the_letters(constitution):
     judge = local_judge(SHIPPED)
     queries = [pair_query(PROMPT, a, b, constitution.principles) for a, b in ((CLEAN, TOXIC), (TOXIC, CLEAN))]
