@@ -11,7 +11,7 @@ responses, a critique by each principle and a revision, as SFT data.
    critique (`revision_query`). The critiques of every prompt go to the judge in one batch, then
    the revisions. A critique that finds no problem (`rlhf.judge.NO_PROBLEM`) keeps the response
    and asks for no revision; an empty critique or an empty revision keeps it too, and so does a
-   revision cut at `judge.max_tokens` (half a response); each is counted.
+   critique or a revision cut at `judge.max_tokens` (half a sentence, half a response); each is counted.
 3. The principles are applied in turn, in the constitution's order, each of those that apply to
    the prompt's kind (its record's `kind`; every principle where none applies, as `rlhf judge`
    does); `revisions` sets how many steps, going round the principles again after the last.
@@ -129,10 +129,10 @@ def sample_responses(config: CAIConfig, prompts: list) -> tuple[list, list[str]]
     return prompts, responses
 
 
-OUTCOMES = ("revised", "same response", "no problem", "empty critique", "empty revision", "cut revision")
+OUTCOMES = ("revised", "same response", "no problem", "empty critique", "cut critique", "empty revision", "cut revision")
 """What a step did: the response revised; a revision identical to it; a critique that found no
-problem; an empty critique; an empty revision; a revision cut at judge.max_tokens, not whole
-(the last five keep the response)."""
+problem; an empty critique; a critique cut at judge.max_tokens (half a sentence, not read); an
+empty revision; a revision cut at judge.max_tokens, not whole (the last six keep the response)."""
 
 
 def revise(judge: Judge, constitution: Constitution, items: list[tuple[Content, str | None, str]], revisions: int = 0) -> tuple[list[dict], Counter]:
@@ -156,6 +156,8 @@ def revise(judge: Judge, constitution: Constitution, items: list[tuple[Content, 
             chains[i]["steps"].append(entry)
             if not critique:
                 entry["outcome"] = "empty critique"
+            elif reply.cut:
+                entry["outcome"] = "cut critique"
             elif finds_no_problem(critique):
                 entry["outcome"] = "no problem"
             else:
@@ -220,9 +222,9 @@ def run(config: CAIConfig, judge: Judge | None = None) -> Path:
         summary["oracle"] = oracle_scores(config.oracle, chains)
     (out / "cai.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     log.info(
-        "cai: %d prompts, %d revised, %d unchanged, %d failed; %d empty critiques, %d empty revisions, %d revisions cut at judge.max_tokens; %s",
+        "cai: %d prompts, %d revised, %d unchanged, %d failed; %d empty critiques, %d empty revisions, %d critiques and %d revisions cut at judge.max_tokens; %s",
         summary["prompts"], summary["revised"], summary["unchanged"], summary["failed"], summary["step_outcomes"]["empty critique"],
-        summary["step_outcomes"]["empty revision"], summary["step_outcomes"]["cut revision"], out,
+        summary["step_outcomes"]["empty revision"], summary["step_outcomes"]["cut critique"], summary["step_outcomes"]["cut revision"], out,
     )
     return out / "sft.jsonl"
 

@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> None:
         path = cai.run(recipe.cai)
         summary = json.loads((path.parent / "cai.json").read_text(encoding="utf-8"))
         print(f"\n{summary['prompts']} prompts: {summary['revised']} revised, {summary['unchanged']} unchanged, {summary['failed']} without a critique; "
-              f"{summary['step_outcomes']['empty revision']} empty revisions, {summary['step_outcomes']['cut revision']} cut at cai.judge.max_tokens. SFT data: {path} (the chains: {path.parent / 'chain.jsonl'})")
+              f"{summary['step_outcomes']['empty revision']} empty revisions, {summary['step_outcomes']['cut critique'] + summary['step_outcomes']['cut revision']} answers cut at cai.judge.max_tokens. SFT data: {path} (the chains: {path.parent / 'chain.jsonl'})")
     elif args.command == "loop":
         from rlhf import loop
 

@@ -108,6 +108,8 @@ def check_config(config: EvalConfig, num_processes: int = 1) -> None:
     check_ranges(config, "eval")
     if not config.reference or not config.prompts:
         raise ConfigError("eval.reference and eval.prompts are required")
+    if config.reward.reference:
+        raise ConfigError("eval.reward.reference: reference responses are for the RL stages' judge; eval compares the policies with eval.reference")
     if config.reward.path:
         check_reward_source(config.reward, "eval.reward")
     if config.oracle:

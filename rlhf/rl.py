@@ -400,7 +400,7 @@ def validate(config: RLConfig, num_processes: int, section: str, group_size: int
     check_generation_room(f"{section}.generation.max_new_tokens", config.policy, config.generation.max_new_tokens)
     check_reward_path(config.reward, f"{section}.reward")
     if config.reward.kind == "judge" and config.reward.reference:
-        prompts = [r.prompt for r in load_prompts(config.prompts.train, config.prompts.skip_invalid)]
+        prompts = [(r.prompt, r.source) for r in load_prompts(config.prompts.train, config.prompts.skip_invalid)]
         check_references(load_references(config.reward.reference), config.reward.reference, prompts, f"{section}.reward.reference")
 
 

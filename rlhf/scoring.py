@@ -31,7 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.config import ConfigError, PositiveInt
-from rlhf.data import Content, DataError, load_demonstrations, reply_text, write_jsonl
+from rlhf.data import (
+    Content, DataError, Demonstration, as_text, load, load_demonstrations, parse_candidates, parse_demonstration, reply_text, write_jsonl,
+)
 from rlhf.encoding import pad, render_sequence
 from rlhf.judge import JudgeConfig, check_judge
 from rlhf.models import check_model_path, context_length, load_sequence_classifier, load_tokenizer
@@ -57,9 +59,10 @@ class RewardSourceConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """kind judge only: the judge, its constitution and its cache (the keys of the recipe's `judge` section)."""
     reference: str = ""
-    """kind judge only: a JSONL of {prompt, completion} records (the SFT data format) giving each
-    prompt a reference response; the reward is then the judge's P(the policy's response is better
-    than the reference), asked in both orders, in place of its 1-7 rating."""
+    """kind judge only: reference responses, one per prompt ({prompt, completion} records, or the
+    candidates file of `rlhf generate --num 1`); the reward is then the judge's P(the policy's
+    response is better than the reference), asked in both orders (judge.both_orders), in place of
+    its 1-7 rating."""
 
 
 class SequenceClassifierScore:
@@ -163,13 +166,30 @@ class FunctionScore:
         return torch.tensor([float(s) for s in scores], dtype=torch.float32)
 
 
+def parse_reference(record, where: str) -> Demonstration:
+    """A reference response: a {prompt, completion} record whose completion is one response (a
+    string, or a single assistant message), or a candidates record of `rlhf generate --num 1`."""
+    if isinstance(record, dict) and "candidates" in record:
+        candidates = parse_candidates(record, where)
+        if len(candidates.candidates) != 1:
+            raise DataError(where, f"a reference is one response, got {len(candidates.candidates)} candidates (rlhf generate --num 1)", "candidates")
+        return Demonstration(candidates.prompt, candidates.candidates[0].completion, where)
+    record = parse_demonstration(record, where)
+    if record.messages is not None:
+        raise DataError(where, "a reference is a {prompt, completion} record", "messages")
+    if isinstance(record.completion, list):
+        if len(record.completion) != 1:
+            raise DataError(where, f"a reference is one assistant message, got {len(record.completion)} messages", "completion[1]")
+        if record.completion[0].get("role") != "assistant":
+            raise DataError(where, "a reference is the assistant's message", "completion[0].role")
+    return record
+
+
 def load_references(path: str) -> dict[str, Content]:
-    """{prompt key: reference completion} from a JSONL of {prompt, completion} records; a
-    DataError naming the file, line and field for a conversation record or a prompt given twice."""
+    """{prompt key: reference completion} from a JSONL of reference responses (`parse_reference`);
+    a DataError naming the file, line and field for a bad record or a prompt given twice."""
     references: dict[str, Content] = {}
-    for record in load_demonstrations(path):
-        if record.messages is not None:
-            raise DataError(record.source, "a reference is a {prompt, completion} record", "messages")
+    for record in load(path, parse_reference):
         key = prompt_key(record.prompt)
         if key in references and references[key] != record.completion:
             raise DataError(record.source, "a second, different reference for a prompt given before", "prompt")
@@ -181,13 +201,15 @@ def prompt_key(prompt: Content) -> str:
     return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
 
 
-def check_references(references: dict[str, Content], path: str, prompts: list[Content], key: str) -> None:
-    """A ConfigError naming `key` unless every prompt has a reference response in `references` (read from `path`)."""
-    missing = [p for p in prompts if prompt_key(p) not in references]
+def check_references(references: dict[str, Content], path: str, prompts: list[tuple[Content, str]], key: str) -> None:
+    """A ConfigError naming `key` unless every (prompt, where it was read) has a reference response
+    in `references` (read from `path`)."""
+    missing = [(p, where) for p, where in prompts if prompt_key(p) not in references]
     if missing:
+        prompt, where = missing[0]
         raise ConfigError(
-            f"{key}: {path} has no reference response for {len(missing)} of {len(prompts)} prompts, "
-            f"e.g. {reply_text(missing[0])[:200]!r}: give each prompt a {{prompt, completion}} record"
+            f"{key}: {path} has no reference response for {len(missing)} of {len(prompts)} prompts, the first "
+            f"{f'at {where}' if where else 'of them'}: {as_text(prompt)[:200]!r}; give each prompt a {{prompt, completion}} record"
         )
 
 
@@ -214,7 +236,7 @@ class JudgeScore:
         from rlhf.judge import judge_pairs, judge_ratings
 
         if self.references is not None:
-            check_references(self.references, self.reference, prompts, "reward.reference")
+            check_references(self.references, self.reference, [(p, "") for p in prompts], "reward.reference")
             pairs = [(p, c, self.references[prompt_key(p)], None) for p, c in zip(prompts, completions)]
             scores = [v.value for v in judge_pairs(self.judge, self.constitution, pairs)]
         else:
@@ -270,8 +292,6 @@ def check_reward_path(config: RewardSourceConfig, key: str) -> None:
     """Refuse a reward model or classifier at a local path that does not exist (an earlier stage
     may write it: checked when the stage that reads it starts)."""
     if config.kind == "judge":
-        if config.reference:  # the file's records, before anything loads
-            load_references(config.reference)
         return
     if config.kind != "function":
         check_model_path(f"{key}.path", config.path)

@@ -253,17 +253,20 @@ def test_the_command_refuses_a_bad_key_with_exit_code_2(tmp_path, capsys):
         assert exit.value.code == 2 and message in capsys.readouterr().err, override
 
 
-def test_a_revision_cut_at_max_tokens_keeps_the_response():
-    constitution = Constitution([Principle("harmless", "be kind")], "c.yaml")
+def test_a_critique_or_a_revision_cut_at_max_tokens_keeps_the_response():
+    constitution = Constitution([Principle("harmless", "be kind"), Principle("polite", "be polite")], "c.yaml")
 
     class Cut(Scripted):
         def answer(self, queries, done) -> None:
             for i, q in enumerate(queries):
-                critique = q.messages[0]["content"].startswith("Critique")
-                done(i, Reply("It is rude.") if critique else Reply("Sorry for the", cut=True))
+                text = q.messages[0]["content"]
+                if text.startswith("Critique"):  # harmless: a whole critique; polite: one cut short
+                    done(i, Reply("It is rude.") if "- harmless:" in text else Reply("It is", cut=True))
+                else:
+                    done(i, Reply("Sorry for the", cut=True))
 
     judge = Judge(JudgeConfig(model="scripted", constitution=str(CONSTITUTION)), Cut({}, {}), progress=False)
     (chain,), counts = cai.revise(judge, constitution, [("User: hi\nAssistant:", None, " Go away.")])
-    assert [(s["outcome"], s["revision"]) for s in chain["steps"]] == [("cut revision", "Sorry for the")]
-    assert chain["completion"] == " Go away." and counts == {("harmless", "cut revision"): 1}
+    assert [(s["outcome"], s["revision"]) for s in chain["steps"]] == [("cut revision", "Sorry for the"), ("cut critique", None)]
+    assert chain["completion"] == " Go away." and counts == {("harmless", "cut revision"): 1, ("polite", "cut critique"): 1}
 

@@ -107,9 +107,11 @@ def test_shipped_judge_critiques_and_revises_an_insult(constitution):
 
 def test_local_judge_tells_an_answer_cut_at_max_tokens_from_a_whole_one(constitution):
     (harmless,) = [p for p in constitution.principles if p.name == "harmless"]
-    (letter,) = local_judge(SHIPPED, max_tokens=4).ask([pair_query(PROMPT, CLEAN, TOXIC, constitution.principles)])
-    assert letter.text in ("A", "B") and not letter.cut  # EOS after the letter
-    (revision,) = local_judge(SHIPPED, max_tokens=1).ask([revision_query(PROMPT, TOXIC, harmless, "It insults the user.")])
+    # In one batch at 2 tokens: the letter and its EOS fit, the revision does not.
+    letter, revision = local_judge(SHIPPED, max_tokens=2).ask(
+        [pair_query(PROMPT, CLEAN, TOXIC, constitution.principles), revision_query(PROMPT, TOXIC, harmless, "It insults the user.")]
+    )
+    assert letter.text in ("A", "B") and not letter.cut
     assert revision.text and revision.cut
 
 

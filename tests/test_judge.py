@@ -324,16 +324,29 @@ def test_reward_against_a_reference_is_the_probability_of_beating_it(endpoint, t
 
 def test_reward_reference_errors_name_the_key_file_and_line(endpoint, tmp_path):
     from rlhf.config import ConfigError
-    from rlhf.scoring import RewardSourceConfig, check_reward_path, check_reward_source, load_reward_source
+    from rlhf.scoring import RewardSourceConfig, check_reward_source, load_references, load_reward_source
 
     reference = references_file(tmp_path, [(PROMPT, MIDDLE)])
     source = load_reward_source(RewardSourceConfig(kind="judge", judge=judge_config(endpoint.url, tmp_path), reference=str(reference)))
-    with pytest.raises(ConfigError, match=r"reward.reference: .*references.jsonl has no reference response for 1 of 2 prompts, e.g. 'User: Where is my invoice\?"):
+    with pytest.raises(ConfigError, match=r"reward.reference: .*references.jsonl has no reference response for 1 of 2 prompts, the first of them: 'User: Where is my invoice\?"):
         source([PROMPT, "User: Where is my invoice?\nAssistant:"], [SHORT, SHORT])
     assert endpoint.requests == []  # refused before a question is asked
     twice = references_file(tmp_path, [(PROMPT, MIDDLE), (PROMPT, LONG)])
     with pytest.raises(DataError, match=r"references.jsonl:2.*prompt.*a second, different reference"):
-        check_reward_path(RewardSourceConfig(kind="judge", reference=str(twice)), "ppo.reward")
+        load_references(str(twice))
+    several = tmp_path / "several.jsonl"
+    several.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}], "completion": [
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "and?"}]}) + "\n")
+    with pytest.raises(DataError, match=r"several.jsonl:1.*completion\[1\].*one assistant message, got 2"):
+        load_references(str(several))
+    # rlhf generate --num 1 writes a reference per prompt; more candidates than one are refused
+    generated = tmp_path / "generated.jsonl"
+    generated.write_text("".join(json.dumps({"prompt": PROMPT, "candidates": [{"completion": c, "model": "sft", "sampling": {}} for c in cs]}) + "\n"
+                                 for cs in ([SHORT], [SHORT, LONG])))
+    with pytest.raises(DataError, match=r"generated.jsonl:2.*candidates.*one response, got 2 candidates"):
+        load_references(str(generated))
+    generated.write_text(generated.read_text().splitlines()[0] + "\n")
+    assert list(load_references(str(generated)).values()) == [SHORT]
     with pytest.raises(ConfigError, match=r"ppo.reward.reference: only an AI judge"):
         check_reward_source(RewardSourceConfig(kind="model", path="rm", reference=str(reference)), "ppo.reward")
 
@@ -350,7 +363,8 @@ def test_ppo_refuses_prompts_without_a_reference_before_loading_anything(tmp_pat
     }}))
     result = run_cli("ppo", "--config", str(recipe))
     assert result.returncode == 2, result.stderr
-    assert "ppo.reward.reference:" in result.stderr and "no reference response for 1 of 2 prompts" in result.stderr
+    assert "ppo.reward.reference:" in result.stderr and "no reference response for 1 of 2 prompts, the first at " in result.stderr
+    assert f"{prompts}:2" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
