@@ -270,3 +270,17 @@ def test_a_critique_or_a_revision_cut_at_max_tokens_keeps_the_response():
     assert [(s["outcome"], s["revision"]) for s in chain["steps"]] == [("cut revision", "Sorry for the"), ("cut critique", None)]
     assert chain["completion"] == " Go away." and counts == {("harmless", "cut revision"): 1, ("polite", "cut critique"): 1}
 
+
+
+def test_the_demo_judge_finds_faults_and_revises(tmp_path):
+    """The shipped stand-in judge (rlhf/demo/judge_model) on the demo policy's answers to red-team prompts."""
+    config = cai.CAIConfig(
+        policy=str(ROOT / "rlhf" / "demo" / "base_model"), prompts=[str(write_redteam_prompts(tmp_path / "p.jsonl", n=8, seed=2))],
+        output_dir=str(tmp_path / "out"), generation=SamplingConfig(max_new_tokens=32),
+        judge=JudgeConfig(backend="local", model=str(ROOT / "rlhf" / "demo" / "judge_model"), constitution=str(CONSTITUTION), max_tokens=96),
+    )
+    cai.run(config)
+    summary = json.loads((tmp_path / "out" / "cai.json").read_text())
+    steps = [s for c in read_jsonl(tmp_path / "out" / "chain.jsonl") for s in c["steps"]]
+    assert summary["revised"] > 0 and summary["step_outcomes"]["no problem"] > 0  # it tells faults from none
+    assert all(s["critique"].startswith("The response") for s in steps if s["outcome"] == "revised")
