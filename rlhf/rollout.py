@@ -108,10 +108,15 @@ def generate(engine: RolloutEngine, prompts: list[list[int]], pad_id: int, stop_
 def score(batch: Rollout, texts: list[Content], reward_source, tokenizer, missing_eos_penalty: float, score_clip: float) -> list[str]:
     """Score the decoded completions (each up to its first stop token, special tokens skipped) into
     `batch.raw_scores` and `batch.scores` (after the missing-EOS penalty, 0 for none, and clipping
-    to +-score_clip, 0 for none); returns the completions."""
+    to +-score_clip, 0 for none); returns the completions. A reward model with the policy's
+    tokenizer and template reads the sampled ids themselves (`SequenceClassifierScore.score_ids`)."""
     pad_id = tokenizer.pad_token_id
     completions = tokenizer.batch_decode(batch.responses * batch.mask + pad_id * (1 - batch.mask), skip_special_tokens=True)
-    batch.raw_scores = reward_source(texts, completions).to(batch.responses.device)
+    if getattr(reward_source, "reads_ids_of", None) is not None and reward_source.reads_ids_of(tokenizer):
+        raw = reward_source.score_ids(texts, batch.query.cpu(), batch.query_mask.cpu(), batch.responses.cpu(), batch.mask.cpu(), completions)
+    else:
+        raw = reward_source(texts, completions)
+    batch.raw_scores = raw.to(batch.responses.device)
     scores = batch.raw_scores.clone()
     if missing_eos_penalty:
         scores = torch.where(batch.ended, scores, torch.full_like(scores, missing_eos_penalty))

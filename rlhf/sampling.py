@@ -17,9 +17,11 @@ forward takes a cache). A model whose forward fills no cache falls back to `gene
 `SamplingConfig` and `stop_ids` alone (nothing else of the checkpoint's generation_config), with log-probs computed from
 the logits it returns. Which path a model class takes is logged once (INFO, `rlhf.sampling`).
 
-Randomness: each step draws one uniform number per sequence of the batch (finished or not) from
-`generator`, or torch's default generator when none is given, and takes the token at which the
-cumulative distribution, in token-id order, first exceeds it. The same seed therefore gives the
+Randomness: one uniform number per prompt and step (finished or not) is drawn before sampling
+from `generator`, or torch's default generator when none is given, and each step takes the token
+at which the cumulative distribution, in token-id order, first exceeds the prompt's number. The
+prompts can so be sampled a few at a time (`SamplingConfig.batch_size`, bounding the memory) with
+the same tokens. The same seed therefore gives the
 same tokens whichever decoder computed the logits, up to logits that differ in the last bits
 (tests/test_sampling.py). `generate` draws its own way, seeded from `generator` when one is given.
 """
@@ -52,6 +54,9 @@ class SamplingConfig:
     """Keep only the k most likely tokens (0: off)."""
     max_new_tokens: PositiveInt = 64
     """Longest response; one that reaches it without EOS is truncated."""
+    batch_size: NonNegativeInt = 0
+    """Prompts sampled at once, in turn (0: all of them at once): the sampler's memory (the KV
+    cache, the logits) grows with it rather than with the rollout batch. The tokens do not depend on it."""
 
 
 def truncate_at_eos(responses: torch.Tensor, stop_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,11 +95,35 @@ def sample(
 def sample_with_logprobs(
     model, prompts: list[list[int]], pad_id: int, stop_ids: list[int], config: SamplingConfig, generator: torch.Generator | None = None
 ) -> Samples:
-    """Sample one response per prompt, with the log-probs of the sampled tokens (see the module doc).
+    """Sample one response per prompt, with the log-probs of the sampled tokens (see the module
+    doc), `config.batch_size` prompts at a time.
 
     The random numbers come from `generator` (on any device), or from torch's default generator
-    when it is None."""
+    when it is None: one per prompt and step, all drawn first, so that a prompt's tokens do not
+    depend on the prompts sampled beside it."""
     device = next(model.parameters()).device
+    stream = generator.device if generator is not None else device
+    uniform = torch.rand(config.max_new_tokens, len(prompts), generator=generator, device=stream).to(device)  # (T, B)
+    size = config.batch_size or len(prompts)
+    parts = [
+        _sample(model, prompts[start : start + size], pad_id, stop_ids, config, uniform[:, start : start + size], generator)
+        for start in range(0, len(prompts), size)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    width = max(part.responses.shape[1] for part in parts)
+    return Samples(
+        torch.cat([F.pad(part.responses, (0, width - part.responses.shape[1]), value=pad_id) for part in parts]),
+        torch.cat([part.ended for part in parts]),
+        torch.cat([F.pad(part.logprobs, (0, width - part.logprobs.shape[1])) for part in parts]),
+    )
+
+
+def _sample(
+    model, prompts: list[list[int]], pad_id: int, stop_ids: list[int], config: SamplingConfig, uniform: torch.Tensor, generator: torch.Generator | None
+) -> Samples:
+    """One batch of prompts: `uniform` (T, B) holds each step's random number for each prompt."""
+    device = uniform.device
     ids, mask = pad(prompts, pad_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
     B, T = len(prompts), config.max_new_tokens
@@ -106,14 +135,12 @@ def sample_with_logprobs(
         return generate_with_hf(model, ids, mask, pad_id, stop_ids, config, generator)
     stops = torch.as_tensor(stop_ids, dtype=torch.long, device=device)
     next_position = positions[:, -1] + 1
-    stream = generator.device if generator is not None else device
     responses = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, T, device=device)
     rows = torch.arange(B, device=device)  # the prompt each decoder row belongs to
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # per decoder row
     for t in range(T):
-        uniform = torch.rand(B, generator=generator, device=stream).to(device)  # one per prompt, every step: the same stream whatever is computed
-        tokens, token_logprobs = draw(logits, uniform[rows], config)
+        tokens, token_logprobs = draw(logits, uniform[t, rows], config)
         responses[rows, t] = tokens.masked_fill(finished, pad_id)
         logprobs[rows, t] = token_logprobs.masked_fill(finished, 0.0)
         finished = finished | torch.isin(tokens, stops)

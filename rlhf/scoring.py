@@ -87,6 +87,7 @@ class SequenceClassifierScore:
         self.score_band, self.personal = score_band, personal
         self.device = next(model.parameters()).device
         self.max_length = context_length(model.config)
+        self.same_tokenizer: dict[int, bool] = {}  # id(policy tokenizer) -> reads_ids_of's answer
 
     @classmethod
     def from_pretrained(cls, path: str, label: str | None = None, batch_size: int = 32, device: str | torch.device = "cpu", labeler: str = ""):
@@ -113,18 +114,64 @@ class SequenceClassifierScore:
         ids = render_sequence(tok, prompt, completion, "reward model input")
         return ids[-self.max_length :]  # an over-long prompt loses its start; the score is read at the end
 
+    def reads_ids_of(self, tokenizer) -> bool:
+        """Whether the token ids of a policy with `tokenizer` can be scored as they are
+        (`score_ids`) rather than decoded and encoded again: a trained reward model whose
+        tokenizer is the policy's (the same vocabulary, merges, normalisation and special tokens)
+        with the same chat template. Asked once per tokenizer."""
+        key = id(tokenizer)
+        if key not in self.same_tokenizer:
+            mine, theirs = self.tokenizer, tokenizer
+            self.same_tokenizer[key] = (
+                self.is_reward_model and mine.is_fast and theirs.is_fast
+                and (mine.chat_template or "") == (theirs.chat_template or "")
+                and (mine.eos_token_id, mine.pad_token_id, mine.bos_token_id) == (theirs.eos_token_id, theirs.pad_token_id, theirs.bos_token_id)
+                and mine.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
+            )
+        return self.same_tokenizer[key]
+
+    def sequence_ids(self, prompt_ids: list[int], response_ids: list[int]) -> list[int]:
+        """The reward model's input for a plain-text prompt's response given as the policy's ids:
+        what `encode` builds from the decoded text (special tokens skipped, then EOS), without
+        the text. They agree wherever encoding the decoded response gives back its ids."""
+        special = set(self.tokenizer.all_special_ids)
+        ids = prompt_ids + [t for t in response_ids if t not in special] + [self.tokenizer.eos_token_id]
+        return ids[-self.max_length :]
+
     @torch.no_grad()
-    def columns(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
-        """(B, C) raw logits, every column of the head."""
+    def score_ids(
+        self, prompts: list[Content], query: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor,
+        completions: list[Content],
+    ) -> torch.Tensor:
+        """Scores of a rollout batch read from its token ids (`reads_ids_of` the policy's tokenizer
+        must hold): a plain-text prompt's response by `sequence_ids`, a conversation's by its
+        decoded `completions` through the chat template as `__call__` does."""
+        seqs = []
+        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+            if isinstance(prompt, str):
+                seqs.append(self.sequence_ids(query[row][query_mask[row].bool()].tolist(), responses[row][mask[row].bool()].tolist()))
+            else:
+                seqs.append(self.encode(prompt, completion))
+        return self.normalised(self.forward(seqs))
+
+    @torch.no_grad()
+    def forward(self, seqs: list[list[int]]) -> torch.Tensor:
+        """(B, C) raw logits, every column of the head, of each token sequence."""
         scores = []
-        for i in range(0, len(prompts), self.batch_size):
-            seqs = [self.encode(p, c) for p, c in zip(prompts[i : i + self.batch_size], completions[i : i + self.batch_size])]
-            ids, mask = pad(seqs, self.tokenizer.pad_token_id)
+        for i in range(0, len(seqs), self.batch_size):
+            ids, mask = pad(seqs[i : i + self.batch_size], self.tokenizer.pad_token_id)
             scores.append(self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float().cpu())
         return torch.cat(scores)
 
+    def columns(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
+        """(B, C) raw logits, every column of the head."""
+        return self.forward([self.encode(p, c) for p, c in zip(prompts, completions)])
+
     def __call__(self, prompts: list[Content], completions: list[Content]) -> torch.Tensor:
-        logits = self.columns(prompts, completions)
+        return self.normalised(self.columns(prompts, completions))
+
+    def normalised(self, logits: torch.Tensor) -> torch.Tensor:
+        """The score from the head's logits (B, C): the column read, a labeler's departure added, the stored normalisation."""
         raw = logits[:, self.index]
         if self.personal is not None:
             column, weight = self.personal

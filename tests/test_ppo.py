@@ -345,3 +345,44 @@ def test_an_over_long_prompt_is_a_data_error_that_skip_invalid_skips(tiny_model_
     with caplog.at_level(logging.WARNING, logger="rlhf.data"):
         ppo.train(config)
     assert "skipped 1 prompts too long for the model" in caplog.text and len(read_metrics(tmp_path / "run")) == 1
+
+
+def test_a_reward_model_with_the_policys_tokenizer_reads_the_sampled_ids(tiny_model_dir, tmp_path):
+    from rlhf.encoding import render_prompt
+    from rlhf.models import load_sequence_classifier
+    from rlhf.sampling import response_mask
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(0)
+    rm = load_sequence_classifier(str(tiny_model_dir), tokenizer, num_labels=1)
+    torch.nn.init.normal_(rm.score.weight, std=1.0)
+    rm.config.reward_bias, rm.config.reward_gain = 0.5, 2.0
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    source = load_reward_source(RewardSourceConfig(kind="model", path=str(tmp_path / "rm")))
+    assert source.reads_ids_of(tokenizer)
+
+    eos, words = tokenizer.eos_token_id, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    texts = ["User: Where is my refund?\nAssistant:", "User: How do I reset my password?\nAssistant:", "User: Hi\nAssistant:"]
+    spelled = [t for ch in " refund" for t in words(ch)]  # " refund" a character at a time: not how the text encodes
+    assert spelled != words(" refund")
+    rows = [words(" Your refund is on its way.") + [eos], words(" Open Settings, then Reset") , spelled + [eos]]  # the second was cut short
+    width = max(map(len, rows))
+    responses = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    prompts = [render_prompt(tokenizer, t) for t in texts]
+    query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
+    batch = Rollout(query, query_mask, responses, response_mask(responses, [eos]), torch.tensor([True, False, True]))
+    completions = score(batch, texts, source, tokenizer, 0.0, 0.0)
+    assert completions == [" Your refund is on its way.", " Open Settings, then Reset", " refund"]
+    from_text = source(texts, completions).tolist()  # decoded and encoded again
+    # Where encoding the text gives back the sampled ids, both paths read the same tokens.
+    assert batch.raw_scores[:2].tolist() == pytest.approx(from_text[:2], abs=1e-5)
+    # Where it does not, the reward model reads the ids that were sampled, then EOS, as it was trained.
+    with torch.no_grad():
+        logit = source.model(input_ids=torch.tensor([prompts[2] + spelled + [eos]])).logits[0, 0].item()
+    assert batch.raw_scores[2].item() == pytest.approx(2.0 * (logit + 0.5), abs=1e-5)
+    assert batch.raw_scores[2].item() != pytest.approx(from_text[2], abs=1e-3)
+
+    other = load_tokenizer(str(tiny_model_dir))
+    other.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert not source.reads_ids_of(other)  # another template: the text path

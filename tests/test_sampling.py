@@ -8,6 +8,8 @@ the first token, in id order, whose cumulative probability exceeds the uniform n
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import logging
 import warnings
 
@@ -136,6 +138,17 @@ def test_same_seed_same_tokens_as_a_plain_sampler(name, setting):
         lengths = response_mask(samples.responses, STOPS).sum(-1)
         assert samples.ended.any() and len(set(lengths.tolist())) > 2
         assert {row[first_stop(row)] for row in expected if first_stop(row) is not None} == set(STOPS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_prompts_sampled_a_few_at_a_time_get_the_same_tokens(name):
+    model, batch, whole = MODELS[name](), prompts(), SamplingConfig(temperature=1.0, max_new_tokens=20)
+    samples = sample_with_logprobs(model, batch, PAD, STOPS, whole, torch.Generator().manual_seed(5))
+    parts = sample_with_logprobs(model, batch, PAD, STOPS, replace(whole, batch_size=5), torch.Generator().manual_seed(5))
+    assert parts.responses.tolist() == samples.responses.tolist() and parts.ended.tolist() == samples.ended.tolist()
+    assert torch.allclose(parts.logprobs, samples.logprobs, atol=LOGPROB_TOLERANCE)
+    lengths = response_mask(samples.responses, STOPS).sum(-1)
+    assert len(set(lengths[:5].tolist() + lengths[5:10].tolist())) > 1  # the parts ended at different lengths, padded alike
 
 
 @pytest.mark.parametrize("name", MODELS)
