@@ -31,7 +31,7 @@ def generate(model: str, prompts: list[str], out: str | Path, num: int, sampling
     torch.manual_seed(seed)
     texts = [r.prompt for r in records for _ in range(num)]
     completions = sample_texts(policy, tokenizer, texts, sampling, batch_size, desc="generating")
-    settings = {**asdict(sampling), "seed": seed}
+    settings = {k: v for k, v in asdict(sampling).items() if k != "batch_size"} | {"seed": seed}  # batch_size changes no token
     rows = [
         Candidates(r.prompt, [Candidate(c, model, settings) for c in completions[i * num : (i + 1) * num]], r.source, r.kind).to_record()
         for i, r in enumerate(records)
