@@ -17,11 +17,11 @@ forward takes a cache). A model whose forward fills no cache falls back to `gene
 `SamplingConfig` and `stop_ids` alone (nothing else of the checkpoint's generation_config), with log-probs computed from
 the logits it returns. Which path a model class takes is logged once (INFO, `rlhf.sampling`).
 
-Randomness: one uniform number per prompt and step (finished or not) is drawn before sampling
-from `generator`, or torch's default generator when none is given, and each step takes the token
-at which the cumulative distribution, in token-id order, first exceeds the prompt's number. The
-prompts can so be sampled a few at a time (`SamplingConfig.batch_size`, bounding the memory) with
-the same tokens. The same seed therefore gives the
+Randomness: each step draws one uniform number per prompt of the batch (finished or not) from
+`generator`, or torch's default generator when none is given, and takes the token at which the
+cumulative distribution, in token-id order, first exceeds the prompt's number. Prompts sampled
+a few at a time (`SamplingConfig.batch_size`, bounding the memory) replay the same draws from the
+same generator state and read their own numbers, so they get the same tokens. The same seed therefore gives the
 same tokens whichever decoder computed the logits, up to logits that differ in the last bits
 (tests/test_sampling.py). `generate` draws its own way, seeded from `generator` when one is given.
 """
@@ -99,18 +99,24 @@ def sample_with_logprobs(
     doc), `config.batch_size` prompts at a time.
 
     The random numbers come from `generator` (on any device), or from torch's default generator
-    when it is None: one per prompt and step, all drawn first, so that a prompt's tokens do not
-    depend on the prompts sampled beside it."""
+    when it is None. Each step draws one number per prompt of the whole batch; the prompts
+    sampled a few at a time each start from the same generator state and read their own
+    columns, so a prompt's tokens do not depend on the prompts sampled beside it, and the
+    generator ends where sampling the whole batch at once leaves it."""
     device = next(model.parameters()).device
-    stream = generator.device if generator is not None else device
-    uniform = torch.rand(config.max_new_tokens, len(prompts), generator=generator, device=stream).to(device)  # (T, B)
     size = config.batch_size or len(prompts)
-    parts = [
-        _sample(model, prompts[start : start + size], pad_id, stop_ids, config, uniform[:, start : start + size], generator)
-        for start in range(0, len(prompts), size)
-    ]
-    if len(parts) == 1:
-        return parts[0]
+    if size >= len(prompts):
+        return _sample(model, prompts, 0, len(prompts), pad_id, stop_ids, config, generator, device)
+    if generator is None:
+        generator = default_generator(device)
+    start_state, parts, end_state = generator.get_state(), [], None
+    for start in range(0, len(prompts), size):
+        generator.set_state(start_state)
+        part = _sample(model, prompts[start : start + size], start, len(prompts), pad_id, stop_ids, config, generator, device)
+        if not parts or part.responses.shape[1] > max(p.responses.shape[1] for p in parts):
+            end_state = generator.get_state()  # the longest part drew as many steps as the whole batch would
+        parts.append(part)
+    generator.set_state(end_state)
     width = max(part.responses.shape[1] for part in parts)
     return Samples(
         torch.cat([F.pad(part.responses, (0, width - part.responses.shape[1]), value=pad_id) for part in parts]),
@@ -119,11 +125,18 @@ def sample_with_logprobs(
     )
 
 
+def default_generator(device: torch.device) -> torch.Generator:
+    """torch's default generator of `device` (what `torch.rand(..., device=device)` draws from)."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
 def _sample(
-    model, prompts: list[list[int]], pad_id: int, stop_ids: list[int], config: SamplingConfig, uniform: torch.Tensor, generator: torch.Generator | None
+    model, prompts: list[list[int]], first: int, width: int, pad_id: int, stop_ids: list[int], config: SamplingConfig,
+    generator: torch.Generator | None, device: torch.device,
 ) -> Samples:
-    """One batch of prompts: `uniform` (T, B) holds each step's random number for each prompt."""
-    device = uniform.device
+    """The prompts numbered `first` on of a batch of `width`: each step draws `width` numbers and reads theirs."""
     ids, mask = pad(prompts, pad_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
     B, T = len(prompts), config.max_new_tokens
@@ -133,6 +146,7 @@ def _sample(
     log_path(model, decoder.path, slow=logits is None)
     if logits is None:
         return generate_with_hf(model, ids, mask, pad_id, stop_ids, config, generator)
+    stream = generator.device if generator is not None else device
     stops = torch.as_tensor(stop_ids, dtype=torch.long, device=device)
     next_position = positions[:, -1] + 1
     responses = torch.full((B, T), pad_id, dtype=torch.long, device=device)
@@ -140,7 +154,8 @@ def _sample(
     rows = torch.arange(B, device=device)  # the prompt each decoder row belongs to
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # per decoder row
     for t in range(T):
-        tokens, token_logprobs = draw(logits, uniform[t, rows], config)
+        uniform = torch.rand(width, generator=generator, device=stream)[first : first + B].to(device)  # one per prompt of the batch, every step
+        tokens, token_logprobs = draw(logits, uniform[rows], config)
         responses[rows, t] = tokens.masked_fill(finished, pad_id)
         logprobs[rows, t] = token_logprobs.masked_fill(finished, 0.0)
         finished = finished | torch.isin(tokens, stops)

@@ -143,8 +143,15 @@ def test_same_seed_same_tokens_as_a_plain_sampler(name, setting):
 @pytest.mark.parametrize("name", MODELS)
 def test_prompts_sampled_a_few_at_a_time_get_the_same_tokens(name):
     model, batch, whole = MODELS[name](), prompts(), SamplingConfig(temperature=1.0, max_new_tokens=20)
-    samples = sample_with_logprobs(model, batch, PAD, STOPS, whole, torch.Generator().manual_seed(5))
-    parts = sample_with_logprobs(model, batch, PAD, STOPS, replace(whole, batch_size=5), torch.Generator().manual_seed(5))
+    at_once, a_few = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    samples = sample_with_logprobs(model, batch, PAD, STOPS, whole, at_once)
+    parts = sample_with_logprobs(model, batch, PAD, STOPS, replace(whole, batch_size=5), a_few)
+    assert torch.equal(a_few.get_state(), at_once.get_state())  # and the generator is left where the whole batch leaves it
+    torch.manual_seed(5)  # torch's default generator, as when no generator is given
+    default = sample_with_logprobs(model, batch, PAD, STOPS, replace(whole, batch_size=5))
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert sample_with_logprobs(model, batch, PAD, STOPS, whole).responses.tolist() == default.responses.tolist() and torch.equal(torch.rand(1), after)
     assert parts.responses.tolist() == samples.responses.tolist() and parts.ended.tolist() == samples.ended.tolist()
     assert torch.allclose(parts.logprobs, samples.logprobs, atol=LOGPROB_TOLERANCE)
     lengths = response_mask(samples.responses, STOPS).sum(-1)
