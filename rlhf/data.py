@@ -131,6 +131,12 @@ def as_text(content: Content) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in content)
 
 
+def content_key(content: Content) -> str:
+    """A prompt or completion as one string to match on (a dict key): the same for equal content,
+    a string or a conversation."""
+    return json.dumps(content, ensure_ascii=False, sort_keys=True)
+
+
 def reply_text(content: Content) -> str:
     """The text of a completion without roles: a classifier judges this alone."""
     return content if isinstance(content, str) else "\n".join(m["content"] for m in content)

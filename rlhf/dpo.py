@@ -37,7 +37,7 @@ import torch
 
 from rlhf import ops, training
 from rlhf.config import ConfigError, NonNegative, Positive, PositiveInt, check_ranges
-from rlhf.data import Comparison, Rating, keep_valid, load_feedback
+from rlhf.data import Comparison, Rating, content_key, keep_valid, load_feedback
 from rlhf.encoding import FALLBACK_CHAT_TEMPLATE, check_chat_template, encode_completion, encode_prompt, pad, use_chat_template
 from rlhf.models import LoraConfig, check_model_path, context_length, dropout_off, load_causal_lm, load_tokenizer, position_ids, save_model
 from rlhf.training import DataConfig, OptimConfig, Precision
@@ -120,7 +120,7 @@ def feedback_units(records: list) -> list:
     units, groups = [], {}
     for record in records:
         if isinstance(record, Rating):
-            groups.setdefault(json.dumps(record.prompt, sort_keys=True), []).append(record)
+            groups.setdefault(content_key(record.prompt), []).append(record)
         else:
             units.append(record)
     paired = [group for group in groups.values() if len({r.label for r in group}) > 1]

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Protocol
 
-from rlhf.config import ConfigError, NonNegativeInt, Positive, PositiveInt, UnitInterval
+from rlhf.config import ConfigError, NonNegativeInt, Positive, PositiveInt
 from rlhf.constitution import Constitution, Principle, load_constitution
 from tqdm.auto import tqdm
 

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from rlhf.config import ConfigError, PositiveInt
 from rlhf.data import (
-    Content, DataError, Demonstration, as_text, load, load_demonstrations, parse_candidates, parse_demonstration, reply_text, write_jsonl,
+    Content, DataError, Demonstration, as_text, content_key, load, load_demonstrations, parse_candidates, parse_demonstration, reply_text,
+    write_jsonl,
 )
 from rlhf.encoding import pad, render_sequence
 from rlhf.judge import JudgeConfig, check_judge
@@ -130,11 +131,10 @@ class SequenceClassifierScore:
             )
         return self.same_tokenizer[key]
 
-    def sequence_ids(self, prompt_ids: list[int], response_ids: list[int]) -> list[int]:
+    def sequence_ids(self, prompt_ids: list[int], response_ids: list[int], special: set[int]) -> list[int]:
         """The reward model's input for a plain-text prompt's response given as the policy's ids:
-        what `encode` builds from the decoded text (special tokens skipped, then EOS), without
-        the text. They agree wherever encoding the decoded response gives back its ids."""
-        special = set(self.tokenizer.all_special_ids)
+        what `encode` builds from the decoded text (the `special` token ids skipped, then EOS),
+        without the text. They agree wherever encoding the decoded response gives back its ids."""
         ids = prompt_ids + [t for t in response_ids if t not in special] + [self.tokenizer.eos_token_id]
         return ids[-self.max_length :]
 
@@ -146,10 +146,10 @@ class SequenceClassifierScore:
         """Scores of a rollout batch read from its token ids (`reads_ids_of` the policy's tokenizer
         must hold): a plain-text prompt's response by `sequence_ids`, a conversation's by its
         decoded `completions` through the chat template as `__call__` does."""
-        seqs = []
+        seqs, special = [], set(self.tokenizer.all_special_ids)
         for row, (prompt, completion) in enumerate(zip(prompts, completions)):
             if isinstance(prompt, str):
-                seqs.append(self.sequence_ids(query[row][query_mask[row].bool()].tolist(), responses[row][mask[row].bool()].tolist()))
+                seqs.append(self.sequence_ids(query[row][query_mask[row].bool()].tolist(), responses[row][mask[row].bool()].tolist(), special))
             else:
                 seqs.append(self.encode(prompt, completion))
         return self.normalised(self.forward(seqs))
@@ -237,21 +237,17 @@ def load_references(path: str) -> dict[str, Content]:
     a DataError naming the file, line and field for a bad record or a prompt given twice."""
     references: dict[str, Content] = {}
     for record in load(path, parse_reference):
-        key = prompt_key(record.prompt)
+        key = content_key(record.prompt)
         if key in references and references[key] != record.completion:
             raise DataError(record.source, "a second, different reference for a prompt given before", "prompt")
         references[key] = record.completion
     return references
 
 
-def prompt_key(prompt: Content) -> str:
-    return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
-
-
 def check_references(references: dict[str, Content], path: str, prompts: list[tuple[Content, str]], key: str) -> None:
     """A ConfigError naming `key` unless every (prompt, where it was read) has a reference response
     in `references` (read from `path`)."""
-    missing = [(p, where) for p, where in prompts if prompt_key(p) not in references]
+    missing = [(p, where) for p, where in prompts if content_key(p) not in references]
     if missing:
         prompt, where = missing[0]
         raise ConfigError(
@@ -283,8 +279,10 @@ class JudgeScore:
         from rlhf.judge import judge_pairs, judge_ratings
 
         if self.references is not None:
-            check_references(self.references, self.reference, [(p, "") for p in prompts], "reward.reference")
-            pairs = [(p, c, self.references[prompt_key(p)], None) for p, c in zip(prompts, completions)]
+            keys = [content_key(p) for p in prompts]
+            if not all(k in self.references for k in keys):
+                check_references(self.references, self.reference, [(p, "") for p in prompts], "reward.reference")
+            pairs = [(p, c, self.references[k], None) for p, c, k in zip(prompts, completions, keys)]
             scores = [v.value for v in judge_pairs(self.judge, self.constitution, pairs)]
         else:
             verdicts = judge_ratings(self.judge, self.constitution, [(p, c, None) for p, c in zip(prompts, completions)])

@@ -46,14 +46,13 @@ at that value would keep: the number of items and their agreement.
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from rlhf.data import LOCAL_SUFFIXES, Comparison, Content, DataError, parse_feedback, read_records
+from rlhf.data import LOCAL_SUFFIXES, Comparison, Content, DataError, content_key, parse_feedback, read_records
 from rlhf.label.agreement import cohen_kappa, krippendorff_alpha, metric_for
 
 CONFIDENCE_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -91,7 +90,7 @@ def _key(content: Content) -> str:
         return content
     if len(content) == 1 and isinstance(content[0], dict) and content[0].get("role") == "assistant":
         return content[0]["content"]
-    return json.dumps(content, sort_keys=True, ensure_ascii=False)
+    return content_key(content)
 
 
 def _probability(value: Any, where: str, name: str, low: float, high: float) -> float:
@@ -112,7 +111,7 @@ def judgement(record: Any, where: str, ai: bool) -> Judgement:
         raw_principles = record.get("principles") or {}
         if not isinstance(raw_principles, dict):
             raise DataError(where, f"expected an object {{principle: verdict}}, got {type(raw_principles).__name__}", "principles")
-    prompt = json.dumps(parsed.prompt, sort_keys=True, ensure_ascii=False)
+    prompt = content_key(parsed.prompt)
     labeler = parsed.labeler or ("ai" if ai else "")
     principles: dict[str, Any] = {}
     if isinstance(parsed, Comparison):
