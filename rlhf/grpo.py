@@ -99,7 +99,7 @@ class GroupAlgorithm:
 
     def loss(self, logprobs, values, batch: Rollout, rows, num_tokens, beta: float):
         mask = batch.mask[rows]
-        pg_loss, pg_stats = ops.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, self.clip, num_tokens)
+        pg_loss, pg_stats = ops.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, self.clip, num_tokens, batch.importance(rows))
         stats = {"loss/policy": pg_loss, "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"]}
         if not self.kl_in_loss:
             return pg_loss, stats

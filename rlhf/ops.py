@@ -155,20 +155,24 @@ def policy_loss(
     mask: torch.Tensor,
     clip: float = 0.2,
     num_tokens: float | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate objective [S17], as a loss to minimise, averaged over masked tokens.
 
     `num_tokens` is the count the mean divides by (default: the mask's own). Passing the token
     count of a whole minibatch makes the losses of its shards (micro-batches, processes) sum to
-    the loss of the minibatch. Returns (loss, stats) with stats: clipfrac (share of tokens whose
-    ratio was clipped) and approx_kl (the k3 estimate of KL(old || new) [Sch20]).
+    the loss of the minibatch. `weights` (B, T), where given, scale each token's term: the
+    truncated importance weights of samples drawn by another engine (`rollout.importance_weights`).
+    Returns (loss, stats) with stats: clipfrac (share of tokens whose ratio was clipped) and
+    approx_kl (the k3 estimate of KL(old || new) [Sch20]).
     """
     n = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_sum(torch.maximum(unclipped, clipped), mask) / n
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_sum(per_token if weights is None else per_token * weights, mask) / n
     with torch.no_grad():
         stats = {
             "clipfrac": masked_sum((clipped > unclipped).float(), mask) / n,

@@ -90,7 +90,7 @@ class PPO:
     def loss(self, logprobs, values, batch: Rollout, rows, num_tokens, beta: float):
         """L_policy + c1 L_value (the loop subtracts c2 entropy): the PPO paper's objective."""
         algo, mask = self.config.algo, batch.mask[rows]
-        pg_loss, pg_stats = ops.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, algo.clip, num_tokens)
+        pg_loss, pg_stats = ops.policy_loss(logprobs, batch.logprobs[rows], batch.advantages[rows], mask, algo.clip, num_tokens, batch.importance(rows))
         vf_loss, vf_stats = ops.value_loss(values, batch.values[rows], batch.returns[rows], mask, algo.value_clip, num_tokens)
         stats = {
             "loss/policy": pg_loss, "loss/value": vf_loss, "policy/clipfrac": pg_stats["clipfrac"],

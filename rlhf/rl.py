@@ -28,8 +28,8 @@ import yaml
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from rlhf import diagnostics, ops, training
-from rlhf.config import ConfigError, NonNegative, NonNegativeInt, Positive, PositiveInt, check_ranges, to_dict
+from rlhf import diagnostics, ops, training, vllm_engine
+from rlhf.config import ConfigError, NonNegative, NonNegativeInt, Positive, PositiveInt, Probability, check_ranges, to_dict
 from rlhf.data import Content, load_prompts
 from rlhf.encoding import check_chat_template, encode_prompts, use_chat_template
 from rlhf.models import (
@@ -45,7 +45,7 @@ from rlhf.models import (
     save_model,
     stop_token_ids,
 )
-from rlhf.rollout import LocalEngine, Rollout, RolloutEngine, generate, policy_forward, reference_forward, score, timed
+from rlhf.rollout import LocalEngine, Rollout, RolloutEngine, generate, importance_weights, policy_forward, reference_forward, score, timed
 from rlhf.sampling import SamplingConfig
 from rlhf.scoring import (
     FunctionScore, RewardSourceConfig, check_references, check_reward_path, check_reward_source, load_function, load_references, load_reward_source,
@@ -127,6 +127,20 @@ class StopConfig:
 
 
 @dataclass
+class RolloutConfig:
+    engine: Literal["local", "vllm"] = "local"
+    """What samples the rollouts: local (the project's sampler on the trained weights) or vllm (vLLM on the trainer's GPU, the weights loaded before every rollout; `pip install 'rlhf[vllm]'`, CUDA, one process)."""
+    tis_cap: NonNegative = 2.0
+    """Where the engine's log-probs are not the trainer's (vllm, or local under bf16), each token's policy-gradient loss is weighted by min(pi_trainer / pi_engine, tis_cap): truncated importance sampling. 0: no weights, the trainer's log-probs alone. The mismatch is logged either way."""
+    gpu_memory_utilization: Probability = 0.3
+    """vllm: the share of the GPU's memory vLLM takes for its weights and KV cache."""
+    sleep: bool = True
+    """vllm: release vLLM's weights and KV cache between rollouts (its sleep mode), so that the update has the memory."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """vllm: the precision vLLM computes in (auto: vLLM's choice for the checkpoint)."""
+
+
+@dataclass
 class RLConfig:
     """What every RL stage's config holds; a stage adds its own `algo` section (and PPO its critic)."""
 
@@ -141,6 +155,7 @@ class RLConfig:
     oracle: str = ""
     """Gold scorer `module:function` (the demo's gold labeler): each step's completions are scored by it too and logged as gold/mean, never trained on; `rlhf compare` draws the over-optimisation curve from it. Empty: none."""
     generation: SamplingConfig = field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -224,6 +239,7 @@ def rollout(
         info["gold"] = oracle(texts, completions)
     with timed(timings, "time/value"):
         policy_forward(model, batch, temperature, micro, device, bf16)
+    info.update(importance_weights(batch, config.rollout.tis_cap))
     with timed(timings, "time/reference"):
         reference_forward(model.policy, reference, batch, temperature, micro, device, bf16)
     batch.kl = ops.kl_penalty(batch.logprobs, batch.ref_logprobs, config.kl.estimator) * batch.mask
@@ -384,6 +400,8 @@ def check_config(config: RLConfig, num_processes: int, section: str, group_size:
             f"({section}.algo.minibatch_size={algo.minibatch_size} over {world} process(es)), got {algo.micro_batch_size}"
         )
     check_reward_source(config.reward, f"{section}.reward")
+    if config.rollout.engine == "vllm" and world > 1:
+        raise ConfigError(f"{section}.rollout.engine: vllm runs in one process on one GPU, got {world} processes (use engine: local)")
     if config.oracle:
         load_function(config.oracle, f"{section}.oracle")
 
@@ -399,9 +417,36 @@ def validate(config: RLConfig, num_processes: int, section: str, group_size: int
     check_chat_template(config.chat_template, f"{section}.chat_template")
     check_generation_room(f"{section}.generation.max_new_tokens", config.policy, config.generation.max_new_tokens)
     check_reward_path(config.reward, f"{section}.reward")
+    if config.rollout.engine == "vllm":
+        check_vllm(f"{section}.rollout.engine")
     if config.reward.kind == "judge" and config.reward.reference:
         prompts = [(r.prompt, r.source) for r in load_prompts(config.prompts.train, config.prompts.skip_invalid)]
         check_references(load_references(config.reward.reference), config.reward.reference, prompts, f"{section}.reward.reference")
+
+
+def check_vllm(key: str) -> None:
+    """Refuse the vllm engine where vLLM is not installed or there is no GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{key}: vllm is not installed ({vllm_engine.INSTALL}); engine: local needs nothing more")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}: vllm needs a CUDA GPU and none is visible; engine: local samples on the CPU")
+
+
+def make_engine(config: RLConfig, policy, tokenizer, bf16: bool) -> RolloutEngine:
+    """The rollout engine `config.rollout.engine` names, on the policy being trained."""
+    stop_ids = stop_token_ids(tokenizer, policy)
+    if config.rollout.engine == "local":
+        return LocalEngine(policy, tokenizer.pad_token_id, stop_ids, config.generation, bf16)
+    # vLLM starts from the policy as loaded here (its vocabulary fitted to the tokenizer's pad and
+    # added tokens), so that the weights it is given later have the shapes of its own.
+    start = save_model(policy, tokenizer, Path(config.output_dir) / "vllm_start")
+    rollout = config.rollout
+    return vllm_engine.VLLMEngine(
+        str(start), policy, tokenizer.pad_token_id, stop_ids, config.generation, gpu_memory_utilization=rollout.gpu_memory_utilization,
+        sleep=rollout.sleep, dtype=rollout.dtype, max_model_len=context_length(policy.config), seed=config.seed,
+    )
 
 
 def train(config: RLConfig, algorithm: Algorithm) -> Path:
@@ -427,7 +472,7 @@ def train(config: RLConfig, algorithm: Algorithm) -> Path:
     optimizer, scheduler = training.make_optimizer(model, config.optim, config.stop.max_steps * updates_per_rollout(config.algo, K))
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    engine = LocalEngine(unwrapped.policy, tokenizer.pad_token_id, stop_token_ids(tokenizer, unwrapped.policy), config.generation, bf16)
+    engine = make_engine(config, unwrapped.policy, tokenizer, bf16)
     kl_controller = ops.AdaptiveKLController(config.kl.beta, config.kl.target, config.kl.horizon) if config.kl.adaptive else ops.FixedKLController(config.kl.beta)
     generator = torch.Generator().manual_seed(config.seed + 1)  # minibatch order
     state = {"epoch": 0, "batch": 0, "window": []}
@@ -471,6 +516,7 @@ def train(config: RLConfig, algorithm: Algorithm) -> Path:
         if band is not None:
             metrics["score/above_band"] = float(metrics["score/mean"] > band[1])
         metrics.update(getattr(reward_source, "metrics", dict)())  # a judge's cache hit rate
+        metrics.update({key: value for key, value in info.items() if key.startswith("rollout/")})  # engine against trainer
         step += 1
         stop = guard_stop(config.stop, step, metrics)
         timings = {k: v for k, v in info.items() if k.startswith("time/")}

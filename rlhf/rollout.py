@@ -2,10 +2,14 @@
 the forward passes for old log-probs, values and reference log-probs.
 
 The samples come from a rollout engine (`RolloutEngine`): `sample(prompts)` returns responses
-with their log-probs where the engine can give the trainer's own, and `sync(policy)` runs after
-each update. `LocalEngine` is the project's sampler on the trained weights themselves; an engine
-in another process or precision (vLLM on a GPU) can stand in its place without touching the
-trainer. Every function here takes the config pieces it uses, never a stage's config.
+with the engine's log-probs of them, and `sync(policy)` runs after each update. `LocalEngine` is
+the project's sampler on the trained weights themselves; an engine in another process or
+precision (`rlhf.vllm_engine.VLLMEngine` on a GPU) stands in its place without touching the
+trainer. Where the engine's log-probs are not the trainer's own (`RolloutEngine.trainer_logprobs`
+False: another engine, another precision), the trainer computes its own for the ratio (checklist
+item 18), measures how far the two are apart, and may weight each token by truncated importance
+sampling (`importance_weights`). Every function here takes the config pieces it uses, never a
+stage's config.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class Rollout:
     responses: torch.Tensor  # (B, T) sampled ids, pad after the first stop token (EOS, end of turn)
     mask: torch.Tensor  # (B, T) 1 on response tokens up to and including the first stop token
     ended: torch.Tensor  # (B,) True where the response emitted a stop token
-    logprobs: torch.Tensor = None  # (B, T) log-probs of the sampled tokens under the policy that sampled them
+    logprobs: torch.Tensor = None  # (B, T) log-probs of the sampled tokens under the trainer's policy before the update
     ref_logprobs: torch.Tensor = None  # (B, T) the same under the reference
     values: torch.Tensor = None  # (B, T) V(s_t), the state before response token t; None without a critic
     scores: torch.Tensor = None  # (B,) reward-source score after the missing-EOS penalty and clipping
@@ -43,6 +47,8 @@ class Rollout:
     rewards: torch.Tensor = None  # (B, T) per-token rewards the advantages are estimated from
     advantages: torch.Tensor = None  # (B, T) advantages (per token, or a sequence's repeated on its tokens)
     returns: torch.Tensor = None  # (B, T) value targets; None without a critic
+    engine_logprobs: torch.Tensor = None  # (B, T) the engine's log-probs of the sampled tokens, where they are not the trainer's own
+    is_weights: torch.Tensor = None  # (B, T) truncated importance weights trainer / engine, where the loss uses them
 
     def inputs(self, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, position_ids) of prompt + response for the given rows."""
@@ -50,10 +56,19 @@ class Rollout:
         attention = torch.cat([self.query_mask[rows], self.mask[rows]], 1)
         return ids, attention, position_ids(attention)
 
+    def importance(self, rows) -> torch.Tensor | None:
+        """The truncated importance weights of the given rows, None where the loss takes none."""
+        return None if self.is_weights is None else self.is_weights[rows]
+
 
 class RolloutEngine(Protocol):
+    trainer_logprobs: bool
+    """True where `Samples.logprobs` are what the trainer's own forward pass computes (the same
+    weights, precision and kernels): the trainer then takes them instead of a pass of its own."""
+
     def sample(self, prompts: list[list[int]], generator: torch.Generator | None = None) -> Samples:
-        """One response per prompt id list; `Samples.logprobs` None where they are not the trainer's own."""
+        """One response per prompt id list, with the engine's log-probs of the sampled tokens at
+        the sampling temperature (None where the engine gives none)."""
 
     def sync(self, policy) -> None:
         """Take the policy's new weights after an update."""
@@ -64,16 +79,16 @@ class LocalEngine:
 
     It runs in the weights' precision (fp32): its log-probs then match a forward pass of the
     policy to about 1e-5 (tests/test_sampling.py) and save one. Under bf16 autocast the training
-    passes see other numbers, so it returns no log-probs and they are recomputed in bf16 instead
-    (checklist item 18).
+    passes see other numbers, so they are recomputed in bf16 (checklist item 18), and the fp32
+    ones are the engine's, against which the mismatch is measured.
     """
 
     def __init__(self, policy, pad_id: int, stop_ids: list[int], sampling: SamplingConfig, bf16: bool):
-        self.policy, self.pad_id, self.stop_ids, self.sampling, self.bf16 = policy, pad_id, stop_ids, sampling, bf16
+        self.policy, self.pad_id, self.stop_ids, self.sampling = policy, pad_id, stop_ids, sampling
+        self.trainer_logprobs = not bf16
 
     def sample(self, prompts: list[list[int]], generator: torch.Generator | None = None) -> Samples:
-        samples = sample_with_logprobs(self.policy, prompts, self.pad_id, self.stop_ids, self.sampling, generator)
-        return Samples(samples.responses, samples.ended, None if self.bf16 else samples.logprobs)
+        return sample_with_logprobs(self.policy, prompts, self.pad_id, self.stop_ids, self.sampling, generator)
 
     def sync(self, policy) -> None:
         pass
@@ -94,14 +109,47 @@ def chunks(n: int, size: int) -> list[slice]:
 @torch.no_grad()
 def generate(engine: RolloutEngine, prompts: list[list[int]], pad_id: int, stop_ids: list[int], device, generator=None) -> Rollout:
     """A Rollout holding the left-padded prompts, the engine's responses with their masks (a
-    response ends at its first stop token: EOS, end of turn, generation_config) and its log-probs."""
+    response ends at its first stop token: EOS, end of turn, generation_config) and its log-probs:
+    as `logprobs` where they are the trainer's own, else as `engine_logprobs`."""
     samples = engine.sample(prompts, generator)
     query, query_mask = pad(prompts, pad_id, side="left")
     responses = samples.responses.to(device)
-    batch = Rollout(query.to(device), query_mask.to(device), responses, response_mask(responses, stop_ids), samples.ended.to(device))
+    mask = response_mask(responses, stop_ids)
+    batch = Rollout(query.to(device), query_mask.to(device), responses, mask, samples.ended.to(device))
     if samples.logprobs is not None:
-        batch.logprobs = samples.logprobs.to(device)
+        logprobs = samples.logprobs.to(device).float() * mask
+        if engine.trainer_logprobs:
+            batch.logprobs = logprobs
+        else:
+            batch.engine_logprobs = logprobs
     return batch
+
+
+def importance_weights(batch: Rollout, cap: float) -> dict[str, float]:
+    """Compare the trainer's log-probs of the sampled tokens with the engine's, where they differ.
+
+    Returns the mismatch metrics: `rollout/mismatch_kl`, the mean per token of the k3 estimate of
+    KL(engine || trainer) (the tokens were drawn by the engine), and `rollout/mismatch_max`, the
+    largest |log-prob difference| of a token. With `cap` > 0 it sets `batch.is_weights`, the
+    truncated importance weights min(pi_trainer / pi_engine, cap) of each token (TIS: the
+    policy-gradient loss of a token is weighted by it, correcting for the engine having sampled),
+    and logs their mean and the share of tokens truncated. No-op (no metrics) where the engine's
+    log-probs are the trainer's own."""
+    if batch.engine_logprobs is None:
+        return {}
+    mask = batch.mask.float()
+    tokens = mask.sum().clamp(min=1)
+    log_ratio = (batch.logprobs - batch.engine_logprobs) * mask  # log pi_trainer - log pi_engine
+    metrics = {
+        "rollout/mismatch_kl": (ops.kl_penalty(batch.engine_logprobs, batch.logprobs, "k3") * mask).sum().item() / tokens.item(),
+        "rollout/mismatch_max": log_ratio.abs().max().item(),
+    }
+    if cap:
+        ratio = log_ratio.exp()
+        batch.is_weights = ratio.clamp(max=cap) * mask
+        metrics["rollout/is_weight_mean"] = (batch.is_weights.sum() / tokens).item()
+        metrics["rollout/is_truncated_fraction"] = (((ratio > cap).float() * mask).sum() / tokens).item()
+    return metrics
 
 
 @torch.no_grad()

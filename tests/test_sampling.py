@@ -409,3 +409,9 @@ def test_ppo_takes_the_sampled_logprobs_in_fp32_and_recomputes_them_under_bf16(t
         recomputed = ops.logprobs_from_logits(response_slice(logits, rollout.query.shape[1]), rollout.responses, 0.7)
         assert policy_calls and torch.equal(rollout.logprobs, recomputed)
         assert not torch.allclose(rollout.logprobs * rollout.mask, sampled.logprobs * rollout.mask, atol=1e-4)
+        # The fp32 ones are the engine's: the mismatch is measured against them.
+        assert torch.equal(rollout.engine_logprobs, sampled.logprobs * rollout.mask)
+        from rlhf.rollout import importance_weights
+
+        mismatch = importance_weights(rollout, 2.0)
+        assert 0 < mismatch["rollout/mismatch_kl"] < 0.01 and rollout.is_weights is not None
