@@ -74,13 +74,18 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     return torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T) entropy of the categorical distributions given by `logits` (B, T, V) / temperature."""
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of `tokens`, entropy), both (B, T), from one log-softmax of `logits` (B, T, V) /
+    temperature: the log-probs `logprobs_from_logits` gives and the entropy, the logits scaled and
+    normalised once. With `entropy_grad` False the entropy carries no gradient (it is logged only)."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     logp = logits.log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+    logprobs = torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    if not entropy_grad:
+        logp = logp.detach()
+    return logprobs, -(logp.exp() * logp).sum(-1)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

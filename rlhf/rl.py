@@ -253,12 +253,11 @@ def minibatch_loss(model, algorithm: Algorithm, batch: Rollout, rows: torch.Tens
     temperature = config.generation.temperature or 1.0
     with training.autocast(batch.query.device, bf16):
         logits, values = model(*batch.inputs(rows), response_length=batch.responses.shape[1])
-    logits = logits.float()
-    logprobs = ops.logprobs_from_logits(logits, batch.responses[rows], temperature)
-    loss, stats = algorithm.loss(logprobs, None if values is None else values.float(), batch, rows, num_tokens, beta)
     # With no entropy bonus the entropy is only logged: no gradient through it.
     coef = config.algo.entropy_coef
-    entropy = ops.masked_sum(ops.entropy_from_logits(logits if coef else logits.detach(), temperature), batch.mask[rows]) / num_tokens
+    logprobs, entropy = ops.logprobs_and_entropy(logits, batch.responses[rows], temperature, entropy_grad=bool(coef))
+    loss, stats = algorithm.loss(logprobs, None if values is None else values.float(), batch, rows, num_tokens, beta)
+    entropy = ops.masked_sum(entropy, batch.mask[rows]) / num_tokens
     return loss - coef * entropy, {**stats, "policy/entropy": entropy}
 
 

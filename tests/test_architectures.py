@@ -82,3 +82,22 @@ def test_every_stage_runs_and_saves_a_model_plain_transformers_loads(arch, mode,
     for path, auto_class in ((sft_path, AutoModelForCausalLM), (rm_path, AutoModelForSequenceClassification),
                              (ppo_path, AutoModelForCausalLM), (tmp_path / "ppo" / "value", AutoModelForSequenceClassification)):
         assert finite_outputs(path, auto_class), path
+
+
+@pytest.mark.parametrize("loader", ["causal_lm", "sequence_classifier"])
+def test_gelu_written_out_is_loaded_as_the_fused_kernel_of_the_same_function(tiny_model_dir, tmp_path, loader):
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer, save_model
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), tokenizer) if loader == "causal_lm" else load_sequence_classifier(str(tiny_model_dir), tokenizer, 1)
+    activations = [type(block.mlp.act) for block in model.transformer.h]
+    assert activations == [GELUTanh] * len(model.transformer.h)
+    plain_class = AutoModelForCausalLM if loader == "causal_lm" else AutoModelForSequenceClassification
+    plain = plain_class.from_pretrained(save_model(model, tokenizer, tmp_path / "saved")).eval()
+    assert plain.config.activation_function == "gelu_new" and isinstance(plain.transformer.h[0].mlp.act, NewGELUActivation)
+    ids = torch.randint(0, len(tokenizer), (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model.eval()(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert (ours - theirs).abs().max() < 1e-5 and not torch.equal(ours, theirs)  # the same function, another kernel

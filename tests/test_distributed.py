@@ -33,8 +33,12 @@ def test_ppo_update_over_two_processes_equals_one(tiny_model_dir, tmp_path):
     launch([script, str(tiny_model_dir), str(tmp_path / "two.pt")], 2, tmp_path)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     changed = 0
+    # Adam's first step moves a weight by lr * g / (|g| + eps), about lr = 1e-2 whatever g's size:
+    # where |g| is near eps (1e-8) the rounding of g, summed in another order over two processes,
+    # shows in the step (measured up to 2.3e-5). 1e-4 is 1% of a step; a share of the batch
+    # missed or counted twice moves weights by whole steps.
     for name, value in one["params"].items():
-        torch.testing.assert_close(two["params"][name], value, atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(two["params"][name], value, atol=1e-4, rtol=1e-4, msg=name)
     base = load_file(tiny_model_dir / "model.safetensors")
     for name, value in base.items():
         key = f"policy.{name}"

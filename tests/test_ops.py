@@ -170,12 +170,26 @@ def test_value_loss_hand_computed():
 
 def test_entropy_and_logprobs_hand_computed():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
+    logprob, entropy = ops.logprobs_and_entropy(logits, torch.tensor([[1]]))
     # H = 0.5 ln 2 + 2 * 0.25 ln 4 = 1.0397208
-    assert ops.entropy_from_logits(logits).item() == pytest.approx(1.0397208, abs=1e-6)
-    assert ops.entropy_from_logits(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4))
-    # temperature 2 halves the logits [2, 0] -> [1, 0]: log(e / (e + 1)) = -0.3132617
-    lp = ops.logprobs_from_logits(torch.tensor([[[2.0, 0.0]]]), torch.tensor([[0]]), temperature=2.0)
-    assert lp.item() == pytest.approx(-0.3132617, abs=1e-6)
+    assert entropy.item() == pytest.approx(1.0397208, abs=1e-6) and logprob.item() == pytest.approx(math.log(0.25))
+    assert ops.logprobs_and_entropy(torch.zeros(1, 1, 4), torch.tensor([[0]]))[1].item() == pytest.approx(math.log(4))
+    # temperature 2 halves the logits [2, 0] -> [1, 0]: log(e / (e + 1)) = -0.3132617; H = ln(e + 1) - e / (e + 1)
+    for lp in (ops.logprobs_from_logits(torch.tensor([[[2.0, 0.0]]]), torch.tensor([[0]]), temperature=2.0),
+               ops.logprobs_and_entropy(torch.tensor([[[2.0, 0.0]]]), torch.tensor([[0]]), temperature=2.0)[0]):
+        assert lp.item() == pytest.approx(-0.3132617, abs=1e-6)
+    assert ops.logprobs_and_entropy(torch.tensor([[[2.0, 0.0]]]), torch.tensor([[0]]), 2.0)[1].item() == pytest.approx(math.log(math.e + 1) - math.e / (math.e + 1))
+
+
+def test_the_entropy_carries_a_gradient_only_when_asked():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    tokens = torch.randint(0, 5, (2, 3))
+    for entropy_grad in (True, False):
+        logprobs, entropy = ops.logprobs_and_entropy(logits, tokens, 0.7, entropy_grad)
+        (grad,) = torch.autograd.grad(entropy.sum(), logits, allow_unused=True) if entropy_grad else (None,)
+        assert entropy.requires_grad is entropy_grad and logprobs.requires_grad
+        if entropy_grad:
+            assert grad.abs().sum() > 0
 
 
 def test_adaptive_kl_controller_hand_computed():
