@@ -274,7 +274,7 @@ def report(runs: dict, load: float) -> str:
         if ours_name == "advantages+train":
             mine = median(r["ppo"]["phases"]["advantages"] + r["ppo"]["phases"]["train"] for r in ours)
         else:
-            mine = median(r["ppo"]["phases"][ours_name] for r in ours)
+            mine = median(r["ppo"]["phases"].get(ours_name, 0.0) for r in ours)  # no value phase where the update gives the values
         lines.append(f"  {ours_name:<20}{mine:>8.3f}{median(r['phases'][trl_name] for r in runs['trl_ppo_shipped']):>13.3f}"
                      f"{median(r['phases'][trl_name] for r in runs['trl_ppo_no_gc']):>11.3f}")
     for stage, trl in (("reward", "trl_reward"), ("dpo", "trl_dpo")):

@@ -16,8 +16,10 @@ same size saved as `rlhf reward` saves one, so the reward forward pass is real. 
 workload is one PPO iteration on 16 prompts of up to 16 tokens with 32 new tokens each, one
 epoch, one minibatch.
 
-What runs is the library's own code: `rl.rollout` (whose phases time themselves, as in
-training), `ppo.PPO.advantages` and `rl.update_epochs`; for the reward model and SFT their
+What runs is the library's own code: `rl.experience` (the rollout, whose phases time
+themselves as in training, and the advantages) and `rl.update_epochs`; with one update per
+iteration the update's forward pass gives the values (`rl.folds`) and there is no value phase.
+For the reward model and SFT their
 losses (`reward.forward_scores` and `reward.comparison_loss`, `sft.token_loss_sum`) with the
 optimiser of `training.make_optimizer`. Times are medians over `--iterations` after `--warmup`.
 FLOPs are counted once per phase with `torch.utils.flop_counter` (matrix products and
@@ -293,16 +295,16 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
     texts = tokenizer.batch_decode(prompts)
     beta = config.kl.beta
 
+    algorithm, reduce = ppo.PPO(config), lambda t: accelerator.reduce(t, "sum")
+    fold = rl.folds(config.algo, 1, accelerator.num_processes)
+
     def iteration() -> tuple[dict[str, float], int]:
         timings: dict[str, float] = {}
         with timed(timings, "time/iteration"):
-            unwrapped.eval()
-            batch, info = rl.rollout(unwrapped, reference, prompts, texts, reward_source, config, tokenizer, device, bf16)
-            with timed(info, "time/advantages"):
-                ppo.PPO(config).advantages(batch, beta, lambda t: accelerator.reduce(t, "sum"))
+            batch, info, first = rl.experience(model, algorithm, reference, prompts, texts, reward_source, config, tokenizer, device, bf16, beta, reduce, fold=fold)
             model.train()
             with timed(info, "time/train"):
-                rl.update_epochs(model, ppo.PPO(config), optimizer, scheduler, batch, config, accelerator, bf16, generator, beta)
+                rl.update_epochs(model, algorithm, optimizer, scheduler, batch, config, accelerator, bf16, generator, beta, first)
         timings.update({k: v for k, v in info.items() if k.startswith("time/")})
         return timings, int(batch.mask.sum())
 
@@ -310,7 +312,7 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
         iteration()
     runs = [iteration() for _ in range(bench.iterations)]
 
-    # One more iteration, phase by phase as `rollout` runs them, to count the FLOPs of each.
+    # One more iteration, phase by phase as `rl.experience` runs them, to count the FLOPs of each.
     flops: dict[str, float] = {}
     with torch.no_grad():
         unwrapped.eval()
@@ -320,17 +322,22 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
             batch = generate(engine, prompts, tokenizer.pad_token_id, stop_ids, device)
         with counting(flops, "score"):
             score(batch, texts, reward_source, tokenizer, config.algo.missing_eos_penalty, config.algo.score_clip)
-        with counting(flops, "value"):
-            policy_forward(unwrapped, batch, config.generation.temperature, config.algo.micro_batch_size, device, bf16)
+        if not fold:
+            with counting(flops, "value"):
+                policy_forward(unwrapped, batch, config.generation.temperature, config.algo.micro_batch_size, device, bf16)
         with counting(flops, "reference"):
             reference_forward(unwrapped.policy, reference, batch, config.generation.temperature, config.algo.micro_batch_size, device, bf16)
-    ppo.PPO(config).advantages(batch, beta, lambda t: accelerator.reduce(t, "sum"))
     model.train()
     with counting(flops, "train"):
-        rl.update_epochs(model, ppo.PPO(config), optimizer, scheduler, batch, config, accelerator, bf16, generator, beta)
+        first = rl.fold_forward(model, batch, config, bf16) if fold else None
+        rl.logprob_terms(batch, config)
+        algorithm.advantages(batch, beta, reduce)
+        rl.update_epochs(model, algorithm, optimizer, scheduler, batch, config, accelerator, bf16, generator, beta, first)
 
     phases = {}
     for phase in ("generate", "score", "value", "reference", "advantages", "train"):
+        if phase == "value" and fold:
+            continue  # the update's forward pass gives the values (rl.folds)
         seconds = summary([t[f"time/{phase}"] for t, _ in runs])
         # Sampling, the reward source and the advantages run in fp32 whatever `precision` says.
         precision = "fp32" if phase in ("generate", "score", "advantages") else ("bf16" if bf16 else "fp32")

@@ -25,7 +25,7 @@ from typing import Callable, Literal, Protocol
 
 import torch
 import yaml
-from accelerate.utils import gather_object
+from accelerate.utils import extract_model_from_parallel, gather_object
 from tqdm.auto import tqdm
 
 from rlhf import diagnostics, ops, training, vllm_engine
@@ -220,12 +220,15 @@ def build_models(config: RLConfig, algorithm: Algorithm, tokenizer, device) -> t
 @torch.no_grad()
 def rollout(
     model: PolicyAndValue, reference, prompts: list[list[int]], texts: list[Content], reward_source, config: RLConfig, tokenizer, device,
-    bf16: bool, generator: torch.Generator | None = None, oracle=None, engine: RolloutEngine | None = None,
+    bf16: bool, generator: torch.Generator | None = None, oracle=None, engine: RolloutEngine | None = None, fold: bool = False,
 ) -> tuple[Rollout, dict]:
     """Sample from `engine` (the project's sampler on the policy when None) with `generator`'s
     stream, score (and, given an `oracle`, gold-score), and run the policy, value and reference
     forward passes, each phase timed. `texts` are the prompts as the records gave them (strings
-    or messages), which the reward source renders itself."""
+    or messages), which the reward source renders itself.
+
+    With `fold` the pass for values and old log-probs is left to the update's forward
+    (`fold_forward`, see `folds`): the batch then lacks them, and the KL, until that pass."""
     timings: dict[str, float] = {}
     temperature, micro = config.generation.temperature or 1.0, config.algo.micro_batch_size
     stop_ids = stop_token_ids(tokenizer, model.policy)
@@ -237,22 +240,92 @@ def rollout(
     info = {"completions": completions}
     if oracle is not None:
         info["gold"] = oracle(texts, completions)
-    with timed(timings, "time/value"):
-        policy_forward(model, batch, temperature, micro, device, bf16)
-    info.update(importance_weights(batch, config.rollout.tis_cap))
+    if not fold:
+        with timed(timings, "time/value"):
+            policy_forward(model, batch, temperature, micro, device, bf16)
     with timed(timings, "time/reference"):
         reference_forward(model.policy, reference, batch, temperature, micro, device, bf16)
-    batch.kl = ops.kl_penalty(batch.logprobs, batch.ref_logprobs, config.kl.estimator) * batch.mask
+    if not fold:
+        info.update(logprob_terms(batch, config))
     return batch, {**info, **timings}
 
 
-def minibatch_loss(model, algorithm: Algorithm, batch: Rollout, rows: torch.Tensor, config: RLConfig, num_tokens, beta: float, bf16: bool):
-    """The algorithm's objective on some rows of the batch minus the entropy bonus.
+def logprob_terms(batch: Rollout, config: RLConfig) -> dict[str, float]:
+    """What needs the trainer's old log-probs: the per-token KL to the reference and, where the
+    engine's log-probs are not the trainer's, the importance weights; returns the mismatch metrics."""
+    batch.kl = ops.kl_penalty(batch.logprobs, batch.ref_logprobs, config.kl.estimator) * batch.mask
+    return importance_weights(batch, config.rollout.tis_cap)
+
+
+def folds(algo: AlgoConfig, group_size: int, num_processes: int) -> bool:
+    """Whether a step makes one update, over one micro-batch per process. Then that update's
+    forward pass, run before the advantages, also gives the rollout's values and (where the
+    engine's are not the trainer's) old log-probs: the policy has not moved yet, so they are the
+    same numbers, and the rollout saves a pass of the value network (and of the policy). TRL's
+    GRPO takes the old log-probs so when it makes one update per generation."""
+    one_update = updates_per_rollout(algo, group_size) == 1
+    return one_update and algo.minibatch_size // num_processes == algo.micro_batch_size
+
+
+@dataclass
+class Forward:
+    """A training forward pass run ahead of its update (`fold_forward`), with its graph."""
+
+    rows: torch.Tensor  # (b,) the rows it ran on: all of this process's
+    logits: torch.Tensor  # (b, T, V) at the positions that predict the response tokens
+    values: torch.Tensor | None  # (b, T) V(s_t); None without a critic
+
+
+def forward(model, batch: Rollout, rows: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training forward pass on some rows: (logits (b, T, V), values (b, T) or None)."""
+    with training.autocast(batch.query.device, bf16):
+        return model(*batch.inputs(rows), response_length=batch.responses.shape[1])
+
+
+def fold_forward(model, batch: Rollout, config: RLConfig, bf16: bool) -> Forward:
+    """The update's forward pass over every row of this process, with gradients, before the
+    advantages (`folds`): it fills `batch.values` and, where the rollout has none,
+    `batch.logprobs` (detached), as the rollout's pass would have; the
+    update's loss takes its outputs instead of running it again. The caller then computes
+    `logprob_terms`."""
+    rows = torch.arange(len(batch.responses), device=batch.responses.device)
+    logits, values = forward(model, batch, rows, bf16)
+    if batch.logprobs is None:  # the numbers the update's loss computes from these logits
+        batch.logprobs = ops.logprobs_from_logits(logits.detach(), batch.responses, config.generation.temperature or 1.0)
+    if values is not None:
+        batch.values = values.detach().float()
+    return Forward(rows, logits, values)
+
+
+def experience(
+    model, algorithm: Algorithm, reference, prompts: list[list[int]], texts: list[Content], reward_source, config: RLConfig, tokenizer, device,
+    bf16: bool, beta: float, reduce: Reduce, generator=None, oracle=None, engine: RolloutEngine | None = None, fold: bool = False,
+) -> tuple[Rollout, dict, Forward | None]:
+    """A step's experience: the rollout (on the unwrapped model), then with `fold` the update's
+    forward pass for what the rollout left out (`folds`), then the algorithm's advantages. Returns
+    the batch, the rollout's information and phase times, and the forward pass kept for the
+    update (None without `fold`)."""
+    unwrapped = extract_model_from_parallel(model)
+    unwrapped.eval()
+    batch, info = rollout(unwrapped, reference, prompts, texts, reward_source, config, tokenizer, device, bf16, generator, oracle, engine, fold)
+    first = None
+    if fold:
+        model.train()
+        with timed(info, "time/train"):
+            first = fold_forward(model, batch, config, bf16)
+        info.update(logprob_terms(batch, config))
+    with timed(info, "time/advantages"):
+        algorithm.advantages(batch, beta, reduce)
+    return batch, info, first
+
+
+def minibatch_loss(model, algorithm: Algorithm, batch: Rollout, rows: torch.Tensor, config: RLConfig, num_tokens, beta: float, bf16: bool, outputs=None):
+    """The algorithm's objective on some rows of the batch minus the entropy bonus. `outputs`
+    are the rows' forward pass where it has run already (`fold_forward`).
 
     The forward pass may run in bf16; log-probs, ratios and losses are computed in fp32."""
     temperature = config.generation.temperature or 1.0
-    with training.autocast(batch.query.device, bf16):
-        logits, values = model(*batch.inputs(rows), response_length=batch.responses.shape[1])
+    logits, values = outputs or forward(model, batch, rows, bf16)
     # With no entropy bonus the entropy is only logged: no gradient through it.
     coef = config.algo.entropy_coef
     logprobs, entropy = ops.logprobs_and_entropy(logits, batch.responses[rows], temperature, entropy_grad=bool(coef))
@@ -261,9 +334,13 @@ def minibatch_loss(model, algorithm: Algorithm, batch: Rollout, rows: torch.Tens
     return loss - coef * entropy, {**stats, "policy/entropy": entropy}
 
 
-def update_epochs(model, algorithm: Algorithm, optimizer, scheduler, batch: Rollout, config: RLConfig, accelerator, bf16: bool, generator, beta: float) -> dict[str, float]:
+def update_epochs(
+    model, algorithm: Algorithm, optimizer, scheduler, batch: Rollout, config: RLConfig, accelerator, bf16: bool, generator, beta: float,
+    first: Forward | None = None,
+) -> dict[str, float]:
     """Epochs of updates over shuffled minibatches, the learning-rate schedule stepping once per
-    update; returns mean statistics, `train/lr` the mean rate they used."""
+    update; returns mean statistics, `train/lr` the mean rate they used. `first`: the one
+    update's forward pass, run already (`fold_forward`); its rows are the minibatch."""
     algo = config.algo
     local_minibatch = algo.minibatch_size // accelerator.num_processes
     accumulation = local_minibatch // algo.micro_batch_size
@@ -272,14 +349,16 @@ def update_epochs(model, algorithm: Algorithm, optimizer, scheduler, batch: Roll
     for _ in range(algo.epochs):
         order = torch.randperm(len(batch.scores), generator=generator).tolist()
         for start in range(0, len(order), local_minibatch):
-            minibatch = order[start : start + local_minibatch]
+            minibatch = order[start : start + local_minibatch] if first is None else first.rows.tolist()
             # every loss term is a mean over the minibatch's tokens on all processes together
             num_tokens = accelerator.reduce(batch.mask[minibatch].sum(), "sum").clamp(min=1)
             stats: dict[str, float] = {}
             for m in range(accumulation):
                 rows = torch.tensor(minibatch[m * algo.micro_batch_size : (m + 1) * algo.micro_batch_size], device=accelerator.device)
                 with accelerator.no_sync(model) if m < accumulation - 1 else contextlib.nullcontext():
-                    loss, named = minibatch_loss(model, algorithm, batch, rows, config, num_tokens, beta, bf16)
+                    outputs = None if first is None else (first.logits, first.values)
+                    loss, named = minibatch_loss(model, algorithm, batch, rows, config, num_tokens, beta, bf16, outputs)
+                    first = None
                     accelerator.backward(loss * accelerator.num_processes)  # DDP averages over processes
                 for key, value in named.items():
                     stats[key] = stats.get(key, 0.0) + value.item()
@@ -472,6 +551,7 @@ def train(config: RLConfig, algorithm: Algorithm) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     engine = make_engine(config, unwrapped.policy, tokenizer, bf16)
+    fold = folds(config.algo, K, accelerator.num_processes)
     kl_controller = ops.AdaptiveKLController(config.kl.beta, config.kl.target, config.kl.horizon) if config.kl.adaptive else ops.FixedKLController(config.kl.beta)
     generator = torch.Generator().manual_seed(config.seed + 1)  # minibatch order
     state = {"epoch": 0, "batch": 0, "window": []}
@@ -489,6 +569,8 @@ def train(config: RLConfig, algorithm: Algorithm) -> Path:
         keep_steps_until(out / "samples.jsonl", step)
         critic = "value head on policy" if unwrapped.value_head is not None else "separate" if unwrapped.value_model is not None else "none"
         log.info("%s: %d prompts, batch %d x %d, bf16=%s, lora=%s, critic=%s", algorithm.name, len(prompts), config.algo.batch_size, K, bf16, config.lora.enabled, critic)
+        if fold:
+            log.info("one update per step: its forward pass gives the rollout's values and old log-probs (no pass of their own)")
     tracker = Tracker(out, enabled=accelerator.is_main_process, resume_step=step)
     order = training.batches(len(prompts), config.algo.batch_size, config.seed, state["epoch"], state["batch"])
     bar = tqdm(total=config.stop.max_steps, initial=step, desc=algorithm.name, disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -505,10 +587,11 @@ def train(config: RLConfig, algorithm: Algorithm) -> Path:
         epoch, index, indices = next(order)
         local = [i for i in training.shard(indices, accelerator.process_index, accelerator.num_processes) for _ in range(K)]
         texts = [records[i].prompt for i in local]
-        unwrapped.eval()
         stream = torch.Generator(device).manual_seed(sampling_seed(config.seed, step, accelerator.process_index))
-        batch, info = rollout(unwrapped, reference, [prompts[i] for i in local], texts, reward_source, config, tokenizer, device, bf16, stream, oracle, engine)
-        algorithm.advantages(batch, kl_controller.beta, reduce)
+        batch, info, first = experience(
+            model, algorithm, reference, [prompts[i] for i in local], texts, reward_source, config, tokenizer, device, bf16, kl_controller.beta,
+            reduce, stream, oracle, engine, fold,
+        )
         metrics = step_metrics(batch, info["completions"], kl_controller.beta, accelerator)
         if oracle is not None:
             metrics["gold/mean"] = accelerator.gather(info["gold"].to(device)).mean().item()
@@ -522,7 +605,8 @@ def train(config: RLConfig, algorithm: Algorithm) -> Path:
         if stop is None:
             model.train()
             with timed(timings, "time/train"):
-                metrics.update(update_epochs(model, algorithm, optimizer, scheduler, batch, config, accelerator, bf16, generator, kl_controller.beta))
+                metrics.update(update_epochs(model, algorithm, optimizer, scheduler, batch, config, accelerator, bf16, generator, kl_controller.beta, first))
+            first = None  # its logits, (B, T, V), are not kept through the next rollout
             kl_controller.update(metrics["kl/sequence"], config.algo.batch_size * K)
             engine.sync(unwrapped.policy)
         metrics.update({**timings, **training.peak_memory()})

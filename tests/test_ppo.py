@@ -263,9 +263,11 @@ class Crash(Exception):
     pass
 
 
-def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch):
-    ppo.train(make_config(tiny_model_dir, tiny_prompts, tmp_path / "full", max_steps=5))
-    config = make_config(tiny_model_dir, tiny_prompts, tmp_path / "part", max_steps=5)
+@pytest.mark.parametrize("updates", ["several", "one"])  # one update a step folds the rollout's value pass into it
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch, updates):
+    configured = make_config if updates == "several" else one_update_config
+    ppo.train(configured(tiny_model_dir, tiny_prompts, tmp_path / "full", max_steps=5))
+    config = configured(tiny_model_dir, tiny_prompts, tmp_path / "part", max_steps=5)
     original = Tracker.log
 
     def crash_at_step_4(self, step, metrics):
@@ -386,3 +388,82 @@ def test_a_reward_model_with_the_policys_tokenizer_reads_the_sampled_ids(tiny_mo
     other = load_tokenizer(str(tiny_model_dir))
     other.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert not source.reads_ids_of(other)  # another template: the text path
+
+
+def one_update_config(policy, prompts, out, **stop) -> ppo.PPOConfig:
+    """A step that makes one update over one micro-batch: `rl.folds` holds."""
+    config = make_config(policy, prompts, out, **stop)
+    config.algo = ppo.PPOAlgoConfig(batch_size=8, minibatch_size=8, micro_batch_size=8, epochs=1)
+    config.generation.temperature = 0.7
+    return config
+
+
+def test_one_update_per_step_is_the_only_setting_that_folds_the_rollouts_pass():
+    algo = ppo.PPOAlgoConfig(batch_size=8, minibatch_size=8, micro_batch_size=8, epochs=1)
+    assert rl.folds(algo, 1, 1)
+    assert not rl.folds(ppo.PPOAlgoConfig(batch_size=8, minibatch_size=8, micro_batch_size=8, epochs=2), 1, 1)  # a second epoch
+    assert not rl.folds(ppo.PPOAlgoConfig(batch_size=8, minibatch_size=4, micro_batch_size=4, epochs=1), 1, 1)  # two minibatches
+    assert not rl.folds(ppo.PPOAlgoConfig(batch_size=8, minibatch_size=8, micro_batch_size=4, epochs=1), 1, 1)  # accumulated
+    assert rl.folds(ppo.PPOAlgoConfig(batch_size=8, minibatch_size=8, micro_batch_size=4, epochs=1), 1, 2)  # 4 rows on each of 2
+    assert rl.folds(ppo.PPOAlgoConfig(batch_size=2, minibatch_size=8, micro_batch_size=8, epochs=1), 4, 1)  # 2 prompts x 4 responses
+
+
+@pytest.mark.parametrize("critic, precision", [("separate", "fp32"), ("separate", "bf16"), ("head", "fp32")])
+def test_the_folded_update_takes_the_values_and_logprobs_a_pass_of_their_own_gives(tiny_model_dir, tiny_prompts, tmp_path, critic, precision):
+    # One update per step: the update's forward pass, run before the advantages, gives what the
+    # rollout's value (and, under bf16, log-prob) pass gives, and the update is the same; the
+    # value network runs once a step instead of twice.
+    from accelerate import Accelerator
+
+    from rlhf import training
+
+    config = one_update_config(tiny_model_dir, tiny_prompts, tmp_path)
+    config.value.head_on_policy = critic == "head"
+    bf16 = precision == "bf16"
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = [tokenizer(f"User: {w}\nAssistant:")["input_ids"] for w in ("hi", "refund please", "where is my invoice", "help", "thanks", "my order", "a", "b")]
+    source = load_reward_source(config.reward)
+    results = {}
+    for fold in (False, True):
+        torch.manual_seed(0)
+        model, reference = rl.build_models(config, ppo.PPO(config), tokenizer, torch.device("cpu"))
+        optimizer, scheduler = training.make_optimizer(model, config.optim, 1)
+        calls = []
+        counted = model.value_model.transformer if critic == "separate" else model.policy
+        counted.register_forward_hook(lambda *_: calls.append(1))
+        batch, info, first = rl.experience(
+            model, ppo.PPO(config), reference, prompts, ["p"] * 8, source, config, tokenizer, torch.device("cpu"), bf16, 0.05, lambda t: t,
+            torch.Generator().manual_seed(3), fold=fold,
+        )
+        assert (first is not None) is fold
+        stats = rl.update_epochs(model, ppo.PPO(config), optimizer, scheduler, batch, config, Accelerator(cpu=True), bf16, torch.Generator().manual_seed(4), 0.05, first)
+        results[fold] = batch, stats, {name: p.detach().clone() for name, p in model.named_parameters()}, len(calls), info
+    (a, stats_a, weights_a, calls_a, info_a), (b, stats_b, weights_b, calls_b, info_b) = results[False], results[True]
+    assert torch.equal(a.responses, b.responses)
+    for name in ("logprobs", "values", "kl", "advantages", "returns"):
+        torch.testing.assert_close(getattr(b, name) * b.mask, getattr(a, name) * a.mask, atol=1e-5, rtol=1e-5, msg=name)
+    if bf16:  # the engine's fp32 log-probs against the trainer's bf16 ones, measured either way
+        assert info_b["rollout/mismatch_kl"] == pytest.approx(info_a["rollout/mismatch_kl"], rel=1e-3)
+        torch.testing.assert_close(b.is_weights, a.is_weights, atol=1e-5, rtol=1e-5)
+    for key in ("loss/policy", "loss/value", "train/grad_norm"):
+        assert stats_b[key] == pytest.approx(stats_a[key], rel=1e-4, abs=1e-6), key
+    assert stats_b["policy/approx_kl"] == 0.0 and stats_b["policy/clipfrac"] == 0.0  # the same weights computed the old log-probs
+    # Adam's first step moves a weight by about lr (1e-3) whatever the gradient's size, so where a
+    # gradient is near Adam's eps its rounding (the rows summed in another order) shows: 1% of a step.
+    for name, value in weights_a.items():
+        torch.testing.assert_close(weights_b[name], value, atol=1e-5, rtol=0, msg=name)
+    assert (calls_a, calls_b) == (2, 1)  # the critic's network (its trunk: the policy, for a head) runs once a step, not twice
+
+
+def test_a_run_that_folds_logs_what_a_run_that_does_not_logs(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch):
+    ppo.train(one_update_config(tiny_model_dir, tiny_prompts, tmp_path / "folded", max_steps=3))
+    with monkeypatch.context() as patch:
+        patch.setattr(rl, "folds", lambda *args: False)
+        ppo.train(one_update_config(tiny_model_dir, tiny_prompts, tmp_path / "passes", max_steps=3))
+    a, b = read_metrics(tmp_path / "passes"), read_metrics(tmp_path / "folded")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for key in x:
+            if not key.startswith(("time", "memory")):
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (x["step"], key)
+    assert "time/value" in a[0] and "time/value" not in b[0]
