@@ -339,8 +339,8 @@ def run_ppo(bench: BenchConfig, mode: str, policy: Path, reward_model: Path) -> 
         if phase == "value" and fold:
             continue  # the update's forward pass gives the values (rl.folds)
         seconds = summary([t[f"time/{phase}"] for t, _ in runs])
-        # Sampling, the reward source and the advantages run in fp32 whatever `precision` says.
-        precision = "fp32" if phase in ("generate", "score", "advantages") else ("bf16" if bf16 else "fp32")
+        # The reward source and the advantages run in fp32 whatever `precision` says.
+        precision = "fp32" if phase in ("score", "advantages") else ("bf16" if bf16 else "fp32")
         gflop = flops.get(phase, 0.0) / 1e9
         phases[phase] = {**seconds, "gflop": gflop, "gflops": gflop / seconds["median"], "precision": precision}
     return {

@@ -1,5 +1,6 @@
 """How the project calls a `transformers` causal LM's forward where that leans on its internals:
-the keyword that takes a KV cache, and logits for the last positions alone (`logits_to_keep`).
+the keyword that takes a KV cache, logits for the last positions alone (`logits_to_keep`), and
+the attention function (`fp32_attention_on_cpu`, through transformers' public AttentionInterface).
 
 Both are found by what the model does, once per model class, never from its forward's signature:
 transformers 5.24 renamed `past_key_values` to `cache` behind a decorator that still takes the
@@ -85,3 +86,35 @@ def extend(model, cache: transformers.DynamicCache, inputs: dict) -> torch.Tenso
     """Next-token logits (B, V) after `inputs` (one token per row), appended to a cache from `prefill`."""
     out = model(**inputs, use_cache=True, **{_cache_keyword[model_class(model)]: cache})
     return out.logits[:, -1]
+
+
+ATTENTION = "rlhf_sdpa"
+"""transformers' sdpa attention, in fp32 where autocast hands it bf16 on a CPU."""
+
+
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.device.type != "cpu" or query.dtype != torch.bfloat16:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+def fp32_attention_on_cpu(model) -> None:
+    """Have `model`'s sdpa attention compute in fp32 where autocast gives it bf16 on a CPU: torch's
+    CPU flash-attention kernels run 2 to 3 times slower in bf16 than in fp32, the backward most
+    (docs/performance.md), while the products around them gain from bf16. Elsewhere (fp32, a
+    GPU) it is sdpa unchanged. A model on another attention (eager, flash) keeps it; the saved
+    config names none."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    AttentionInterface.register(ATTENTION, _sdpa)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)

@@ -25,6 +25,7 @@ from typing import Annotated, Iterator
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf import causal_lm
 from rlhf.config import ConfigError, PositiveInt, Range
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ def _probe_turn_end(tokenizer) -> list[int]:
 def load_causal_lm(name: str, tokenizer, dtype: torch.dtype = torch.float32):
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     _fit_vocab(model, tokenizer)
+    causal_lm.fp32_attention_on_cpu(model)
     return fused_activations(model)
 
 
@@ -217,6 +219,7 @@ def load_sequence_classifier(name: str, tokenizer=None, num_labels: int | None =
         torch.nn.init.normal_(head.weight, std=1 / math.sqrt(d + 1))
         if head.bias is not None:
             torch.nn.init.zeros_(head.bias)
+    causal_lm.fp32_attention_on_cpu(model)
     return fused_activations(model)
 
 
@@ -357,8 +360,6 @@ def lm_output(model, kwargs: dict, response_length: int | None, **options):
     """The causal LM's output, with logits for the last T + 1 positions alone given the response
     length T, or for all positions (the language-model head over the prompt is wasted work: its
     output, (B, P, V), is the largest tensor of the pass when prompts are long)."""
-    from rlhf import causal_lm
-
     if response_length is None:
         return model(**kwargs, **options)
     return causal_lm.last_logits(model, kwargs, response_length + 1, **options)

@@ -77,18 +77,22 @@ class RolloutEngine(Protocol):
 class LocalEngine:
     """The project's sampler (rlhf.sampling) on the trained policy itself: `sync` has nothing to do.
 
-    It runs in the weights' precision (fp32): its log-probs then match a forward pass of the
-    policy to about 1e-5 (tests/test_sampling.py) and save one. Under bf16 autocast the training
-    passes see other numbers, so they are recomputed in bf16 (checklist item 18), and the fp32
-    ones are the engine's, against which the mismatch is measured.
+    It runs in the precision of the training passes. In fp32 its log-probs match a forward pass
+    of the policy to about 1e-5 (tests/test_sampling.py) and save one. Under bf16 it decodes under
+    the same autocast (bf16 products of weights cast once per rollout, fp32 layer norms,
+    residuals and attention), which reads half the bytes of weights per token
+    (docs/performance.md); its log-probs then come from other shapes of the same products than
+    the training pass's, so the trainer computes its own (checklist item 18) and measures the
+    mismatch against these.
     """
 
     def __init__(self, policy, pad_id: int, stop_ids: list[int], sampling: SamplingConfig, bf16: bool):
-        self.policy, self.pad_id, self.stop_ids, self.sampling = policy, pad_id, stop_ids, sampling
+        self.policy, self.pad_id, self.stop_ids, self.sampling, self.bf16 = policy, pad_id, stop_ids, sampling, bf16
         self.trainer_logprobs = not bf16
 
     def sample(self, prompts: list[list[int]], generator: torch.Generator | None = None) -> Samples:
-        return sample_with_logprobs(self.policy, prompts, self.pad_id, self.stop_ids, self.sampling, generator)
+        with training.autocast(next(self.policy.parameters()).device, self.bf16):
+            return sample_with_logprobs(self.policy, prompts, self.pad_id, self.stop_ids, self.sampling, generator)
 
     def sync(self, policy) -> None:
         pass

@@ -101,3 +101,36 @@ def test_gelu_written_out_is_loaded_as_the_fused_kernel_of_the_same_function(tin
     with torch.no_grad():
         ours, theirs = model.eval()(input_ids=ids).logits, plain(input_ids=ids).logits
     assert (ours - theirs).abs().max() < 1e-5 and not torch.equal(ours, theirs)  # the same function, another kernel
+
+
+@pytest.mark.parametrize("loader", ["causal_lm", "sequence_classifier"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_under_bf16_autocast_on_a_cpu_attention_computes_in_fp32(arch, loader, base_dirs, monkeypatch):
+    # torch's CPU flash-attention runs slower in bf16 than in fp32 (docs/performance.md): the
+    # models the stages load hand sdpa fp32 queries, keys and values under bf16 autocast, and bf16
+    # attention outputs back, so the result is bf16 sdpa's to bf16 rounding.
+    from rlhf import causal_lm
+    from rlhf.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+
+    tokenizer = load_tokenizer(base_dirs[arch])
+    model = load_causal_lm(base_dirs[arch], tokenizer) if loader == "causal_lm" else load_sequence_classifier(base_dirs[arch], tokenizer, 1)
+    model.eval()
+    if model.config._attn_implementation != causal_lm.ATTENTION:
+        assert model.config._attn_implementation != "sdpa"  # a model on eager or another attention keeps it
+        pytest.skip(f"{arch} does not run on sdpa")
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, v, *a, **kw: seen.append(q.dtype) or sdpa(q, k, v, *a, **kw))
+    ids = torch.randint(3, len(tokenizer) - 1, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = model(input_ids=ids, attention_mask=mask).logits
+        assert seen and set(seen) == {torch.float32}, seen
+        model.set_attn_implementation("sdpa")
+        seen.clear()
+        theirs = model(input_ids=ids, attention_mask=mask).logits
+        # what plain sdpa is handed: bf16, or fp32 where rotary embeddings (fp32 cos, sin) promote them
+        assert set(seen) == ({torch.bfloat16} if arch in ("gpt2", "opt") else {torch.float32})
+    rows = mask.bool() if loader == "causal_lm" else slice(None)
+    scale = theirs.float().abs().max().item()
+    assert (ours.float() - theirs.float())[rows].abs().max().item() < 2 * 2**-8 * scale + 1e-3

@@ -377,8 +377,9 @@ def test_restrict_keeps_the_top_k_then_the_nucleus():
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_ppo_takes_the_sampled_logprobs_in_fp32_and_recomputes_them_under_bf16(tiny_model_dir, bf16):
-    # Checklist item 18: the old log-probs are those of the policy that sampled, recomputed in
-    # the training pass's precision when sampling ran in another (sampling stays in fp32).
+    # Checklist item 18: the old log-probs are those of the policy that sampled, recomputed by the
+    # training pass under bf16, where the sampler decodes under the same autocast but its products
+    # have other shapes than the training pass's.
     from rlhf import ops, ppo, rl, training
     from rlhf.models import load_tokenizer, response_slice
     from rlhf.rollout import LocalEngine, generate, policy_forward
@@ -391,7 +392,8 @@ def test_ppo_takes_the_sampled_logprobs_in_fp32_and_recomputes_them_under_bf16(t
     model.eval()
     batch = [tokenizer("User: hi\nAssistant:")["input_ids"], tokenizer("User: How do I get help with my refund?\nAssistant:")["input_ids"]]
     torch.manual_seed(0)
-    sampled = sample_with_logprobs(model.policy, batch, tokenizer.pad_token_id, stop_token_ids(tokenizer, model.policy), config.generation)
+    with training.autocast(torch.device("cpu"), bf16):
+        sampled = sample_with_logprobs(model.policy, batch, tokenizer.pad_token_id, stop_token_ids(tokenizer, model.policy), config.generation)
     torch.manual_seed(0)
     stop_ids = stop_token_ids(tokenizer, model.policy)
     engine = LocalEngine(model.policy, tokenizer.pad_token_id, stop_ids, config.generation, bf16)
@@ -408,10 +410,33 @@ def test_ppo_takes_the_sampled_logprobs_in_fp32_and_recomputes_them_under_bf16(t
             logits = model.policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
         recomputed = ops.logprobs_from_logits(response_slice(logits, rollout.query.shape[1]), rollout.responses, 0.7)
         assert policy_calls and torch.equal(rollout.logprobs, recomputed)
-        assert not torch.allclose(rollout.logprobs * rollout.mask, sampled.logprobs * rollout.mask, atol=1e-4)
-        # The fp32 ones are the engine's: the mismatch is measured against them.
+        # The sampler's are the engine's: the mismatch is measured against them.
         assert torch.equal(rollout.engine_logprobs, sampled.logprobs * rollout.mask)
         from rlhf.rollout import importance_weights
 
         mismatch = importance_weights(rollout, 2.0)
-        assert 0 < mismatch["rollout/mismatch_kl"] < 0.01 and rollout.is_weights is not None
+        assert 0 <= mismatch["rollout/mismatch_kl"] < 1e-4 and rollout.is_weights is not None
+
+
+def test_under_bf16_autocast_the_gpt2_decoder_computes_what_the_training_pass_computes(tiny_model_dir):
+    # Both attend in fp32 on a CPU (causal_lm.fp32_attention_on_cpu: the bf16 flash kernels are
+    # slower there) around the same bf16 products, so the sampler's log-probs are the trainer's to
+    # float rounding; attention in bf16 would move them by bf16 roundings (about 1e-3).
+    from rlhf import ops, training
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), tokenizer).eval()
+    prompts = [tokenizer("User: hi\nAssistant:")["input_ids"], tokenizer("User: How do I get a refund?\nAssistant:")["input_ids"]]
+    stop_ids = stop_token_ids(tokenizer, model)
+    torch.manual_seed(0)
+    with training.autocast(torch.device("cpu"), True):
+        samples = sample_with_logprobs(model, prompts, tokenizer.pad_token_id, stop_ids, SamplingConfig(temperature=0.7, max_new_tokens=12))
+        query, query_mask = pad(prompts, tokenizer.pad_token_id, side="left")
+        mask = response_mask(samples.responses, stop_ids)
+        ids, attention = torch.cat([query, samples.responses], 1), torch.cat([query_mask, mask], 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids(attention)).logits[:, query.shape[1] - 1 : -1]
+    teacher_forced = ops.logprobs_from_logits(logits, samples.responses, 0.7) * mask
+    assert samples.responses.shape[1] > 4
+    assert (samples.logprobs * mask - teacher_forced).abs().max().item() < 1e-4
