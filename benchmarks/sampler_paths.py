@@ -1,14 +1,18 @@
 """Which path the sampler takes for each architecture, and how fast it samples there.
 
     python benchmarks/sampler_paths.py                   # every architecture, batch 16, 32 new tokens
+    python benchmarks/sampler_paths.py --precision bf16  # the sampler under bf16 autocast, as PPO samples under bf16
     python benchmarks/sampler_paths.py --arch Llama Qwen2 --batch 64 --new-tokens 128
 
 Each model is randomly initialised (4 layers, 256 wide, a 4,096-word vocabulary: the size of
-`rlhf bench --size tiny`), built here with a fixed seed; no hub. For each it prints the path the
+`rlhf bench --size tiny`), built here with a fixed seed (no hub) and set up as the stages load a
+model (`models.fused_activations`, `causal_lm.fp32_attention_on_cpu`). For each it prints the path the
 sampler logged, the sampler's tokens per second (median of --iterations after one warm-up), the
 same batch through the `generate` fallback (`sampling.generate_with_hf`, what a model the
 sampler cannot drive gets), and plain `model.generate` with its own KV cache for reference.
-Tokens are the response tokens up to and including each stop token.
+Tokens are the response tokens up to and including each stop token. `--precision bf16` runs all
+three under bf16 autocast, as the rollout engine samples when the training passes run in bf16.
+OpenMP threads wait passively, as `rlhf` sets them (rlhf is imported before torch).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import logging
 import statistics
 import time
 
+import rlhf  # noqa: F401  (sets OpenMP's waiting before torch loads)
 import torch
 import transformers
 
-from rlhf import sampling
+from rlhf import causal_lm, sampling, training
+from rlhf.models import fused_activations
 from rlhf.encoding import pad
 from rlhf.sampling import SamplingConfig, response_mask
 
@@ -47,7 +53,9 @@ def build(name: str):
         common.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512)
     config = getattr(transformers, f"{name}Config")(**common, **ARCHITECTURES[name])
     model_class = transformers.GPT2LMHeadModel if name == "GPT2" else getattr(transformers, f"{name}ForCausalLM")
-    return model_class(config).eval()
+    model = model_class(config).eval()
+    causal_lm.fp32_attention_on_cpu(model)
+    return fused_activations(model)
 
 
 def timed(run, iterations: int) -> tuple[float, int]:
@@ -70,6 +78,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     paths: list[str] = []
@@ -84,18 +93,21 @@ def main() -> None:
     config = SamplingConfig(temperature=0.7, max_new_tokens=args.new_tokens)
     ids, mask = pad(prompts, PAD, side="left")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch}, prompts of up to {args.prompt_tokens} tokens, {args.new_tokens} new tokens, temperature 0.7")
+          f"batch {args.batch}, prompts of up to {args.prompt_tokens} tokens, {args.new_tokens} new tokens, temperature 0.7, {args.precision}")
+    autocast = lambda: training.autocast(torch.device("cpu"), args.precision == "bf16")  # noqa: E731
     print(f"{'architecture':<14} {'sampler tok/s':>14} {'fallback tok/s':>15} {'generate tok/s':>15}  path")
     for name in args.arch:
         model = build(name)
-        own, own_tokens = timed(lambda: sampling.sample(model, prompts, PAD, [STOP], config)[0], args.iterations)
-        fallback, fallback_tokens = timed(lambda: sampling.generate_with_hf(model, ids, mask, PAD, [STOP], config, None).responses, args.iterations)
+        with autocast():
+            own, own_tokens = timed(lambda: sampling.sample(model, prompts, PAD, [STOP], config)[0], args.iterations)
+            fallback, fallback_tokens = timed(lambda: sampling.generate_with_hf(model, ids, mask, PAD, [STOP], config, None).responses, args.iterations)
 
         def plain_generate():
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=args.new_tokens, pad_token_id=PAD, eos_token_id=STOP)
             return sampling.truncate_at_eos(out[:, ids.shape[1] :], [STOP], PAD)[0]
 
-        reference, reference_tokens = timed(plain_generate, args.iterations)
+        with autocast():
+            reference, reference_tokens = timed(plain_generate, args.iterations)
         path = next((p.split(": ", 1)[1] for p in paths if p.startswith(type(model).__name__ + ":")), "?")
         print(f"{name:<14} {own_tokens / own:>14,.0f} {fallback_tokens / fallback:>15,.0f} {reference_tokens / reference:>15,.0f}  {path}")
 

@@ -1,6 +1,7 @@
 """This project's stages against TRL's on identical fixtures, interleaved, on this machine.
 
-    python benchmarks/vs_trl.py                       # 3 rounds, venvs and fixtures under /tmp/rlhf-vs-trl
+    python benchmarks/vs_trl.py                       # 3 rounds, fp32, venvs and fixtures under /tmp/rlhf-vs-trl
+    python benchmarks/vs_trl.py --precision bf16      # both under bf16 autocast (TRL's default, bf16=True)
     python benchmarks/vs_trl.py --rounds 5 --workdir DIR
 
 It builds two environments of its own, pinned: TRL 0.24 (the last with `PPOTrainer`) and TRL
@@ -15,9 +16,11 @@ then `trl==X`). Then it writes one set of fixtures with this project's Python:
 
 and runs, in each round, one after the other (A B A B): TRL's PPO as shipped; TRL's PPO without
 its two `gc.collect()` per iteration; `rlhf bench --policy --reward --prompts` on the same
-fixtures (PPO, reward model, DPO); TRL's reward model; TRL's DPO. Everything is fp32 with the
-same thread count, one PPO epoch of one minibatch, gradient checkpointing off (TRL 1.16 turns
-it on by default), DPO's reference log-probs computed before the timed steps on both sides
+fixtures (PPO, reward model, DPO); TRL's reward model; TRL's DPO. Both sides run in one
+precision: fp32 (TRL's `bf16=False`, `rlhf bench --precision fp32`) or bf16 autocast (TRL's
+`bf16=True`, its default in all three configs; `--precision bf16`), with the same thread count
+and the same OpenMP waiting (`--openmp`: passive, as `rlhf` sets it, or libgomp's default spin),
+one PPO epoch of one minibatch, gradient checkpointing off (TRL 1.16 turns it on by default), DPO's reference log-probs computed before the timed steps on both sides
 (`precompute_ref_log_probs`). A TRL step is the time between two `on_step_end` callbacks: all of
 an iteration, as `rlhf bench` times its own. TRL's PPO phases are timed by wrapping the
 functions its loop calls (`batch_generation`, `forward` without gradients for the reference,
@@ -39,6 +42,12 @@ import time
 from pathlib import Path
 
 TRL_PPO, TRL_TRAINERS = "0.24.0", "1.16.0"
+OPENMP = {
+    # how an OpenMP thread waits for the next parallel region: rlhf's default, then libgomp's own
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"},  # an explicit count overrides the policy's 0
+}
+OPENMP_ENV: dict[str, str] = {}  # the environment of every timed process, set by main
 TORCH = "torch==2.13.0"
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS, VOCAB = 16, 16, 32, 3000
 WARMUP, ITERATIONS = 2, 10
@@ -79,7 +88,7 @@ class Steps:
         return times[WARMUP - 1:]
 
 
-def trl_ppo(fixtures: Path, shipped: bool) -> dict:
+def trl_ppo(fixtures: Path, shipped: bool, bf16: bool) -> dict:
     import tempfile
 
     import torch
@@ -118,7 +127,7 @@ def trl_ppo(fixtures: Path, shipped: bool) -> dict:
             output_dir=out, per_device_train_batch_size=PROMPTS, gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1,
             response_length=NEW_TOKENS, temperature=0.7, total_episodes=PROMPTS * (WARMUP + ITERATIONS), local_rollout_forward_batch_size=PROMPTS,
             num_sample_generations=0, missing_eos_penalty=None, stop_token=None, learning_rate=1e-5, lr_scheduler_type="constant",
-            report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=True, bf16=False, seed=0,
+            report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, use_cpu=True, bf16=bf16, seed=0,
         )
         trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference, reward_model=reward_model,
                              value_model=value_model, train_dataset=Dataset.from_dict({"input_ids": prompts}), callbacks=[steps.callback])
@@ -130,7 +139,7 @@ def trl_ppo(fixtures: Path, shipped: bool) -> dict:
             "generated_tokens_per_s": PROMPTS * NEW_TOKENS / phases["generate"], "threads": torch.get_num_threads()}
 
 
-def trl_pairs(fixtures: Path, trainer_name: str) -> dict:
+def trl_pairs(fixtures: Path, trainer_name: str, bf16: bool) -> dict:
     import tempfile
 
     import torch
@@ -142,7 +151,7 @@ def trl_pairs(fixtures: Path, trainer_name: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(fixtures / "policy")
     pairs = [json.loads(line) for line in (fixtures / "pairs.jsonl").read_text().splitlines()]
     common = dict(per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1, max_steps=WARMUP + ITERATIONS + 1, learning_rate=1e-5,
-                  lr_scheduler_type="constant", gradient_checkpointing=False, bf16=False, use_cpu=True, report_to="none", save_strategy="no",
+                  lr_scheduler_type="constant", gradient_checkpointing=False, bf16=bf16, use_cpu=True, report_to="none", save_strategy="no",
                   logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, seed=0)
     with tempfile.TemporaryDirectory() as out:
         if trainer_name == "reward":
@@ -202,17 +211,17 @@ def build_fixtures(root: Path) -> Path:
 
 
 def child(python: Path, *args: str) -> dict:
-    result = subprocess.run([str(python), __file__, *args], capture_output=True, text=True)
+    result = subprocess.run([str(python), __file__, *args], capture_output=True, text=True, env=OPENMP_ENV)
     if result.returncode:
         sys.exit(f"{' '.join(args)} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def rlhf_bench(fixtures: Path, out: Path) -> dict:
+def rlhf_bench(fixtures: Path, out: Path, precision: str) -> dict:
     command = [sys.executable, "-m", "rlhf", "bench", "--policy", str(fixtures / "policy"), "--reward", str(fixtures / "reward"),
-               "--prompts", str(fixtures / "prompts.jsonl"), "--batch", str(PROMPTS), "--new-tokens", str(NEW_TOKENS), "--precision", "fp32",
+               "--prompts", str(fixtures / "prompts.jsonl"), "--batch", str(PROMPTS), "--new-tokens", str(NEW_TOKENS), "--precision", precision,
                "--iterations", str(ITERATIONS), "--warmup", str(WARMUP), "--stages", "ppo", "reward", "dpo", "--json", str(out)]
-    subprocess.run(command, check=True, capture_output=True)
+    subprocess.run(command, check=True, capture_output=True, env=OPENMP_ENV)
     r = json.loads(out.read_text())
     ppo = r["ppo"]["full"]
     return {
@@ -227,9 +236,13 @@ def rlhf_bench(fixtures: Path, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="both sides in fp32, or both under bf16 autocast")
+    parser.add_argument("--openmp", choices=list(OPENMP), default="passive",
+                        help="both sides' OpenMP threads wait passively (rlhf's default) or spin first (libgomp's default, what TRL runs with alone)")
     parser.add_argument("--workdir", default="/tmp/rlhf-vs-trl")
     parser.add_argument("--json", help="also write every run to this file")
     args = parser.parse_args()
+    OPENMP_ENV.update({**os.environ, **OPENMP[args.openmp]})
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ppo_python, trainers_python = venv(workdir, TRL_PPO), venv(workdir, TRL_TRAINERS)
@@ -239,29 +252,29 @@ def main() -> None:
     runs = {"trl_ppo_shipped": [], "trl_ppo_no_gc": [], "rlhf": [], "trl_reward": [], "trl_dpo": []}
     for round_ in range(1, args.rounds + 1):
         for name, run in (
-            ("trl_ppo_shipped", lambda: child(ppo_python, "trl-ppo", str(fixtures), "shipped")),
-            ("trl_ppo_no_gc", lambda: child(ppo_python, "trl-ppo", str(fixtures), "no-gc")),
-            ("rlhf", lambda: rlhf_bench(fixtures, workdir / f"rlhf-{round_}.json")),
-            ("trl_reward", lambda: child(trainers_python, "trl-pairs", str(fixtures), "reward")),
-            ("trl_dpo", lambda: child(trainers_python, "trl-pairs", str(fixtures), "dpo")),
+            ("trl_ppo_shipped", lambda: child(ppo_python, "trl-ppo", str(fixtures), "shipped", args.precision)),
+            ("trl_ppo_no_gc", lambda: child(ppo_python, "trl-ppo", str(fixtures), "no-gc", args.precision)),
+            ("rlhf", lambda: rlhf_bench(fixtures, workdir / f"rlhf-{round_}.json", args.precision)),
+            ("trl_reward", lambda: child(trainers_python, "trl-pairs", str(fixtures), "reward", args.precision)),
+            ("trl_dpo", lambda: child(trainers_python, "trl-pairs", str(fixtures), "dpo", args.precision)),
         ):
             result = run()
             runs[name].append(result)
             shown = result["ppo"]["iteration_s"] if name == "rlhf" else result.get("iteration_s", result.get("step_s"))
             print(f"round {round_}: {name:<16} {shown:.3f} s" + (f" (reward {result['reward']['step_s']:.3f} s, dpo {result['dpo']['step_s']:.3f} s)" if name == "rlhf" else ""), flush=True)
-    print(report(runs, load))
+    print(report(runs, load, f"{args.precision}, OpenMP {args.openmp} ({' '.join(f'{k}={v}' for k, v in OPENMP[args.openmp].items())})"))
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=2) + "\n")
 
 
-def report(runs: dict, load: float) -> str:
+def report(runs: dict, load: float, setting: str) -> str:
     median = lambda values: statistics.median(values)  # noqa: E731
     ours = runs["rlhf"]
     m = ours[0]["machine"]
     ppo = median(r["ppo"]["iteration_s"] for r in ours)
     shipped, no_gc = median(r["iteration_s"] for r in runs["trl_ppo_shipped"]), median(r["iteration_s"] for r in runs["trl_ppo_no_gc"])
     lines = ["", f"machine: {m['cpu']} ({', '.join(m['flags'])}), {m['cores']} cores, {m['threads']} threads, torch {m['torch']}; load {load:.2f} before",
-             f"medians over {len(ours)} interleaved rounds; ratio = TRL / rlhf (above 1: rlhf faster)", "",
+             f"both sides: {setting}; medians over {len(ours)} interleaved rounds; ratio = TRL / rlhf (above 1: rlhf faster)", "",
              f"PPO iteration: rlhf {ppo:.3f} s; TRL {TRL_PPO} as shipped {shipped:.3f} s ({shipped / ppo:.2f}x); "
              f"without its gc.collect {no_gc:.3f} s ({no_gc / ppo:.2f}x)",
              f"per round (shipped / no gc / rlhf): " + "; ".join(f"{a['iteration_s']:.3f} / {b['iteration_s']:.3f} / {c['ppo']['iteration_s']:.3f}"
@@ -289,8 +302,8 @@ if __name__ == "__main__":
 
         transformers.logging.set_verbosity_error()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        fixtures, what = Path(sys.argv[2]), sys.argv[3]
-        result = trl_ppo(fixtures, what == "shipped") if sys.argv[1] == "trl-ppo" else trl_pairs(fixtures, what)
+        fixtures, what, bf16 = Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "bf16"
+        result = trl_ppo(fixtures, what == "shipped", bf16) if sys.argv[1] == "trl-ppo" else trl_pairs(fixtures, what, bf16)
         print(json.dumps(result))
     else:
         main()
