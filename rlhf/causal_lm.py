@@ -95,13 +95,15 @@ ATTENTION = "rlhf_sdpa"
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.device.type != "cpu" or query.dtype != torch.bfloat16:
+    # Under autocast sdpa casts fp32 inputs (rotary embeddings promote queries and keys) to bf16 itself.
+    lowered = torch.is_autocast_enabled("cpu") or torch.bfloat16 in (query.dtype, key.dtype, value.dtype)
+    if query.device.type != "cpu" or not lowered:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast("cpu", enabled=False):
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
-    return out.to(query.dtype), weights
+    return out.to(value.dtype), weights
 
 
 def fp32_attention_on_cpu(model) -> None:

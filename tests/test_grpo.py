@@ -128,3 +128,26 @@ def test_the_responses_to_one_prompt_are_consecutive_rows_of_the_rollout(tiny_mo
     grpo.train(config)
     texts = seen[0]
     assert len(texts) == 32 and all(len(set(texts[g : g + 4])) == 1 for g in range(0, 32, 4)) and len(set(texts)) > 1
+
+
+def test_under_bf16_one_update_a_step_takes_the_old_logprobs_from_its_own_forward_pass(tiny_model_dir, tiny_prompts, tmp_path, monkeypatch):
+    # No critic: what the update's forward pass gives is the trainer's log-probs (under bf16 the
+    # sampler's are the engine's), so the folded run makes one policy pass a step fewer and logs
+    # what a run with the rollout's own pass logs.
+    runs = {}
+    for fold in (True, False):
+        config = make_config(tiny_model_dir, tiny_prompts, tmp_path / str(fold), "grpo", minibatch_size=32, micro_batch_size=32, epochs=1)
+        config.stop.max_steps, config.precision = 2, "bf16"
+        calls = []
+        with monkeypatch.context() as patch:
+            patch.setattr(rl, "folds", lambda *args, fold=fold: fold)
+            forward = rl.forward
+            patch.setattr(rl, "forward", lambda *args: calls.append(1) or forward(*args))
+            patch.setattr(rl, "policy_forward", lambda *args, policy_forward=rl.policy_forward: calls.append(1) or policy_forward(*args))
+            grpo.train(config)
+        runs[fold] = read_metrics(tmp_path / str(fold)), len(calls)
+    (folded, folded_calls), (passes, passes_calls) = runs[True], runs[False]
+    assert (folded_calls, passes_calls) == (2, 4)  # one training pass a step, against a log-prob pass and a training pass
+    for x, y in zip(passes, folded):
+        for key in ("score/mean", "kl/sequence", "loss/policy", "policy/entropy", "rollout/mismatch_kl"):
+            assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-5), (x["step"], key)
