@@ -2,6 +2,7 @@
 
     python benchmarks/vs_trl.py                       # 3 rounds, fp32, venvs and fixtures under /tmp/rlhf-vs-trl
     python benchmarks/vs_trl.py --precision bf16      # both under bf16 autocast (TRL's default, bf16=True)
+    python benchmarks/vs_trl.py --openmp spin         # both with libgomp's spinning threads (rlhf waits passively)
     python benchmarks/vs_trl.py --rounds 5 --workdir DIR
 
 It builds two environments of its own, pinned: TRL 0.24 (the last with `PPOTrainer`) and TRL
@@ -20,7 +21,8 @@ fixtures (PPO, reward model, DPO); TRL's reward model; TRL's DPO. Both sides run
 precision: fp32 (TRL's `bf16=False`, `rlhf bench --precision fp32`) or bf16 autocast (TRL's
 `bf16=True`, its default in all three configs; `--precision bf16`), with the same thread count
 and the same OpenMP waiting (`--openmp`: passive, as `rlhf` sets it, or libgomp's default spin),
-one PPO epoch of one minibatch, gradient checkpointing off (TRL 1.16 turns it on by default), DPO's reference log-probs computed before the timed steps on both sides
+one PPO epoch of one minibatch, gradient checkpointing off (TRL 1.16 turns it on by default),
+DPO's reference log-probs computed before the timed steps on both sides
 (`precompute_ref_log_probs`). A TRL step is the time between two `on_step_end` callbacks: all of
 an iteration, as `rlhf bench` times its own. TRL's PPO phases are timed by wrapping the
 functions its loop calls (`batch_generation`, `forward` without gradients for the reference,

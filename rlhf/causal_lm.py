@@ -89,7 +89,7 @@ def extend(model, cache: transformers.DynamicCache, inputs: dict) -> torch.Tenso
 
 
 ATTENTION = "rlhf_sdpa"
-"""transformers' sdpa attention, in fp32 where autocast hands it bf16 on a CPU."""
+"""transformers' sdpa attention, in fp32 on a CPU under autocast or with bf16 inputs."""
 
 
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -107,11 +107,11 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
 
 
 def fp32_attention_on_cpu(model) -> None:
-    """Have `model`'s sdpa attention compute in fp32 where autocast gives it bf16 on a CPU: torch's
-    CPU flash-attention kernels run 2 to 3 times slower in bf16 than in fp32, the backward most
-    (docs/performance.md), while the products around them gain from bf16. Elsewhere (fp32, a
-    GPU) it is sdpa unchanged. A model on another attention (eager, flash) keeps it; the saved
-    config names none."""
+    """Have `model`'s sdpa attention compute in fp32 on a CPU under bf16 autocast (or with bf16
+    inputs): torch's CPU flash-attention kernels run 2 to 3 times slower in bf16 than in fp32,
+    the backward most (docs/performance.md), while the products around them gain from bf16. The
+    output comes back in the values' precision. Elsewhere (fp32, a GPU) it is sdpa unchanged. A
+    model on another attention (eager, flash) keeps it; the saved config names none."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

@@ -79,11 +79,11 @@ class LocalEngine:
 
     It runs in the precision of the training passes. In fp32 its log-probs match a forward pass
     of the policy to about 1e-5 (tests/test_sampling.py) and save one. Under bf16 it decodes under
-    the same autocast (bf16 products of weights cast once per rollout, fp32 layer norms,
-    residuals and attention), which reads half the bytes of weights per token
-    (docs/performance.md); its log-probs then come from other shapes of the same products than
-    the training pass's, so the trainer computes its own (checklist item 18) and measures the
-    mismatch against these.
+    the same autocast: products in bf16 (autocast casts a trained weight once per rollout), layer
+    norms, residuals and, on a CPU, attention in fp32. Decoding reads every weight once per token,
+    and bf16 weights are half the bytes (docs/performance.md). Its log-probs then come from other
+    shapes of the same products than the training pass's, so the trainer computes its own
+    (checklist item 18) and measures the mismatch against these.
     """
 
     def __init__(self, policy, pad_id: int, stop_ids: list[int], sampling: SamplingConfig, bf16: bool):

@@ -37,6 +37,15 @@ def make_config(policy, prompts, out, **stop) -> ppo.PPOConfig:
     )
 
 
+def assert_same_metrics(a: list[dict], b: list[dict], **approx) -> None:
+    """Two runs' metrics, step by step, times and memory apart: equal, or within `approx` (pytest.approx's)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for key in x:
+            if not key.startswith(("time", "memory")):
+                assert y[key] == (pytest.approx(x[key], **approx) if approx else x[key]), (x["step"], key)
+
+
 def test_left_padding_does_not_change_logprobs(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_causal_lm(str(tiny_model_dir), tokenizer).eval()
@@ -82,11 +91,8 @@ def test_same_seed_gives_the_same_run(tiny_model_dir, tiny_prompts, tmp_path):
     ppo.train(make_config(tiny_model_dir, tiny_prompts, tmp_path / "a", max_steps=2))
     ppo.train(make_config(tiny_model_dir, tiny_prompts, tmp_path / "b", max_steps=2))
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    assert len(a) == len(b) == 2
-    for x, y in zip(a, b):
-        for key in x:
-            if not key.startswith(("time", "memory")):
-                assert x[key] == y[key], key
+    assert len(a) == 2
+    assert_same_metrics(a, b)
     assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
 
 
@@ -287,10 +293,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_model_dir, t
     samples = [json.loads(line) for line in (tmp_path / "part" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [step for step in (1, 2, 3, 4, 5) for _ in range(config.samples_per_step)]
     assert (tmp_path / "part" / "samples.jsonl").read_text() == (tmp_path / "full" / "samples.jsonl").read_text()
-    for x, y in zip(a, b):
-        for key in x:
-            if not key.startswith(("time", "memory")):
-                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    assert_same_metrics(a, b, rel=1e-5, abs=1e-6)
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, tiny_prompts, tmp_path):
@@ -461,9 +464,6 @@ def test_a_run_that_folds_logs_what_a_run_that_does_not_logs(tiny_model_dir, tin
         patch.setattr(rl, "folds", lambda *args: False)
         ppo.train(one_update_config(tiny_model_dir, tiny_prompts, tmp_path / "passes", max_steps=3))
     a, b = read_metrics(tmp_path / "passes"), read_metrics(tmp_path / "folded")
-    assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
-        for key in x:
-            if not key.startswith(("time", "memory")):
-                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (x["step"], key)
+    assert len(a) == 3
+    assert_same_metrics(a, b, rel=1e-4, abs=1e-5)
     assert "time/value" in a[0] and "time/value" not in b[0]
