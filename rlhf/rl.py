@@ -344,6 +344,7 @@ def update_epochs(
     algo = config.algo
     local_minibatch = algo.minibatch_size // accelerator.num_processes
     accumulation = local_minibatch // algo.micro_batch_size
+    assert first is None or (algo.epochs == 1 and accumulation == 1), "a kept forward pass is the one update's only micro-batch (rl.folds)"
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(algo.epochs):
@@ -355,10 +356,12 @@ def update_epochs(
             stats: dict[str, float] = {}
             for m in range(accumulation):
                 rows = torch.tensor(minibatch[m * algo.micro_batch_size : (m + 1) * algo.micro_batch_size], device=accelerator.device)
+                outputs = None
+                if first is not None:  # used once, then let go: its logits are (B, T, V)
+                    outputs, first.logits, first.values, first = (first.logits, first.values), None, None, None
                 with accelerator.no_sync(model) if m < accumulation - 1 else contextlib.nullcontext():
-                    outputs = None if first is None else (first.logits, first.values)
                     loss, named = minibatch_loss(model, algorithm, batch, rows, config, num_tokens, beta, bf16, outputs)
-                    first = None
+                    del outputs
                     accelerator.backward(loss * accelerator.num_processes)  # DDP averages over processes
                 for key, value in named.items():
                     stats[key] = stats.get(key, 0.0) + value.item()
@@ -606,9 +609,9 @@ def train(config: RLConfig, algorithm: Algorithm) -> Path:
             model.train()
             with timed(timings, "time/train"):
                 metrics.update(update_epochs(model, algorithm, optimizer, scheduler, batch, config, accelerator, bf16, generator, kl_controller.beta, first))
-            first = None  # its logits, (B, T, V), are not kept through the next rollout
             kl_controller.update(metrics["kl/sequence"], config.algo.batch_size * K)
             engine.sync(unwrapped.policy)
+        first = None  # the kept pass, used or not (a guard stopped the run): its graph and logits go
         metrics.update({**timings, **training.peak_memory()})
         window.append(metrics["score/mean"])
         tracker.log(step, metrics)

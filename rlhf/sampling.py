@@ -360,11 +360,12 @@ class GPT2Decoder:
             q, k, v = attention.c_attn(block.ln_1(x)).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
             self.keys[i][:, :, start:end] = k
             self.values[i][:, :, start:end] = v
-            # In the cache's precision, the weights', also under bf16 autocast (as the training passes
-            # compute attention on a CPU: causal_lm.fp32_attention_on_cpu); the output goes back to q's.
-            with torch.autocast(x.device.type, enabled=False):
-                keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]
-                out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=attend, scale=attention.scaling).to(q.dtype)
+            keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]
+            # On a CPU in the cache's precision, the weights', also under bf16 autocast, as the training
+            # passes compute attention there (causal_lm.fp32_attention_on_cpu); the output goes back to q's.
+            with torch.autocast("cpu", enabled=False):
+                query = q.to(keys.dtype) if q.device.type == "cpu" else q
+                out = F.scaled_dot_product_attention(query, keys, values, attn_mask=attend, scale=attention.scaling).to(q.dtype)
             x = x + attention.c_proj(out.transpose(1, 2).reshape(B, S, self.width))
             mlp = block.mlp
             x = x + mlp.c_proj(self.act(mlp.c_fc(block.ln_2(x))))

@@ -1,10 +1,12 @@
 """One PPO update on a fixed rollout batch, run by each data-parallel process on its share.
 
-    python tests/distributed_update.py MODEL OUT                               (one process)
-    torchrun --nproc_per_node 2 tests/distributed_update.py MODEL OUT          (two processes)
+    python tests/distributed_update.py MODEL OUT [fold]                        (one process)
+    torchrun --nproc_per_node 2 tests/distributed_update.py MODEL OUT [fold]   (two processes)
 
 The batch is built identically on every process from fixed seeds; each process keeps its
-contiguous share of the rows. The main process saves the updated parameters to OUT.
+contiguous share of the rows. With `fold` each process's share is one micro-batch and the
+update's forward pass gives the values (`rl.fold_forward`) instead of the pass below. The main
+process saves the updated parameters to OUT.
 """
 
 import sys
@@ -20,11 +22,12 @@ from rlhf.models import load_tokenizer
 from rlhf.scoring import RewardSourceConfig
 
 model_dir, out = sys.argv[1], sys.argv[2]
+fold = sys.argv[3:] == ["fold"]
 accelerator = training.make_accelerator()
 config = ppo.PPOConfig(
     policy=model_dir,
     reward=RewardSourceConfig(kind="function", path="unused:unused"),
-    algo=ppo.PPOAlgoConfig(batch_size=8, minibatch_size=8, micro_batch_size=2, epochs=1),
+    algo=ppo.PPOAlgoConfig(batch_size=8, minibatch_size=8, micro_batch_size=8 // accelerator.num_processes if fold else 2, epochs=1),
     optim=rl.OptimConfig(lr=1e-2, schedule="constant"),
 )
 tokenizer = load_tokenizer(model_dir)
@@ -58,9 +61,14 @@ for name in ("query", "query_mask", "responses", "mask", "ended", "logprobs", "r
 
 optimizer, scheduler = training.make_optimizer(model, config.optim, 1)
 model, optimizer = accelerator.prepare(model, optimizer)
-ppo.PPO(config).advantages(batch, 0.05, lambda t: accelerator.reduce(t, "sum"))
 model.train()
-stats = rl.update_epochs(model, ppo.PPO(config), optimizer, scheduler, batch, config, accelerator, False, torch.Generator().manual_seed(2), 0.05)
+first = None
+if fold:
+    assert rl.folds(config.algo, 1, accelerator.num_processes)
+    batch.values = None
+    first = rl.fold_forward(model, batch, config, False)
+ppo.PPO(config).advantages(batch, 0.05, lambda t: accelerator.reduce(t, "sum"))
+stats = rl.update_epochs(model, ppo.PPO(config), optimizer, scheduler, batch, config, accelerator, False, torch.Generator().manual_seed(2), 0.05, first)
 if accelerator.is_main_process:
     state = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     torch.save({"params": state, "stats": stats}, out)

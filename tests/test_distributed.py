@@ -27,10 +27,11 @@ def launch(args: list[str], processes: int, cwd: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_ppo_update_over_two_processes_equals_one(tiny_model_dir, tmp_path):
-    script = str(HERE / "distributed_update.py")
-    launch([script, str(tiny_model_dir), str(tmp_path / "one.pt")], 1, tmp_path)
-    launch([script, str(tiny_model_dir), str(tmp_path / "two.pt")], 2, tmp_path)
+@pytest.mark.parametrize("fold", [False, True])  # True: the update's forward pass gives the values (rl.fold_forward)
+def test_ppo_update_over_two_processes_equals_one(tiny_model_dir, tmp_path, fold):
+    script, mode = str(HERE / "distributed_update.py"), ["fold"] if fold else []
+    launch([script, str(tiny_model_dir), str(tmp_path / "one.pt"), *mode], 1, tmp_path)
+    launch([script, str(tiny_model_dir), str(tmp_path / "two.pt"), *mode], 2, tmp_path)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     changed = 0
     # Adam's first step moves a weight by lr * g / (|g| + eps), about lr = 1e-2 whatever g's size:
