@@ -269,32 +269,35 @@ def folds(algo: AlgoConfig, group_size: int, num_processes: int) -> bool:
 
 @dataclass
 class Forward:
-    """A training forward pass run ahead of its update (`fold_forward`), with its graph."""
+    """A training forward pass's outputs on some rows, with their graph."""
 
-    rows: torch.Tensor  # (b,) the rows it ran on: all of this process's
-    logits: torch.Tensor  # (b, T, V) at the positions that predict the response tokens
+    logprobs: torch.Tensor  # (b, T) log-probs of the sampled tokens at the sampling temperature
+    entropy: torch.Tensor  # (b, T) entropy of each position's distribution (no gradient without an entropy bonus)
     values: torch.Tensor | None  # (b, T) V(s_t); None without a critic
 
 
-def forward(model, batch: Rollout, rows: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The training forward pass on some rows: (logits (b, T, V), values (b, T) or None)."""
+def forward(model, batch: Rollout, rows: torch.Tensor, config: RLConfig, bf16: bool) -> Forward:
+    """The training forward pass on some rows. It may run in bf16; log-probs and entropy are fp32."""
     with training.autocast(batch.query.device, bf16):
-        return model(*batch.inputs(rows), response_length=batch.responses.shape[1])
+        logits, values = model(*batch.inputs(rows), response_length=batch.responses.shape[1])
+    # With no entropy bonus the entropy is only logged: no gradient through it.
+    temperature, entropy_grad = config.generation.temperature or 1.0, bool(config.algo.entropy_coef)
+    logprobs, entropy = ops.logprobs_and_entropy(logits, batch.responses[rows], temperature, entropy_grad)
+    return Forward(logprobs, entropy, None if values is None else values.float())
 
 
 def fold_forward(model, batch: Rollout, config: RLConfig, bf16: bool) -> Forward:
     """The update's forward pass over every row of this process, with gradients, before the
     advantages (`folds`): it fills `batch.values` and, where the rollout has none,
-    `batch.logprobs` (detached), as the rollout's pass would have; the
-    update's loss takes its outputs instead of running it again. The caller then computes
-    `logprob_terms`."""
-    rows = torch.arange(len(batch.responses), device=batch.responses.device)
-    logits, values = forward(model, batch, rows, bf16)
-    if batch.logprobs is None:  # the numbers the update's loss computes from these logits
-        batch.logprobs = ops.logprobs_from_logits(logits.detach(), batch.responses, config.generation.temperature or 1.0)
-    if values is not None:
-        batch.values = values.detach().float()
-    return Forward(rows, logits, values)
+    `batch.logprobs` (detached: the same numbers the update's loss takes), as the rollout's pass
+    would have; the update's loss takes its outputs instead of running it again. The caller then
+    computes `logprob_terms`."""
+    out = forward(model, batch, torch.arange(len(batch.responses), device=batch.responses.device), config, bf16)
+    if batch.logprobs is None:
+        batch.logprobs = out.logprobs.detach()
+    if out.values is not None:
+        batch.values = out.values.detach()
+    return out
 
 
 def experience(
@@ -319,19 +322,18 @@ def experience(
     return batch, info, first
 
 
-def minibatch_loss(model, algorithm: Algorithm, batch: Rollout, rows: torch.Tensor, config: RLConfig, num_tokens, beta: float, bf16: bool, outputs=None):
+def minibatch_loss(
+    model, algorithm: Algorithm, batch: Rollout, rows: torch.Tensor, config: RLConfig, num_tokens, beta: float, bf16: bool,
+    outputs: Forward | None = None,
+):
     """The algorithm's objective on some rows of the batch minus the entropy bonus. `outputs`
     are the rows' forward pass where it has run already (`fold_forward`).
 
     The forward pass may run in bf16; log-probs, ratios and losses are computed in fp32."""
-    temperature = config.generation.temperature or 1.0
-    logits, values = outputs or forward(model, batch, rows, bf16)
-    # With no entropy bonus the entropy is only logged: no gradient through it.
-    coef = config.algo.entropy_coef
-    logprobs, entropy = ops.logprobs_and_entropy(logits, batch.responses[rows], temperature, entropy_grad=bool(coef))
-    loss, stats = algorithm.loss(logprobs, None if values is None else values.float(), batch, rows, num_tokens, beta)
-    entropy = ops.masked_sum(entropy, batch.mask[rows]) / num_tokens
-    return loss - coef * entropy, {**stats, "policy/entropy": entropy}
+    out = outputs if outputs is not None else forward(model, batch, rows, config, bf16)
+    loss, stats = algorithm.loss(out.logprobs, out.values, batch, rows, num_tokens, beta)
+    entropy = ops.masked_sum(out.entropy, batch.mask[rows]) / num_tokens
+    return loss - config.algo.entropy_coef * entropy, {**stats, "policy/entropy": entropy}
 
 
 def update_epochs(
@@ -350,18 +352,16 @@ def update_epochs(
     for _ in range(algo.epochs):
         order = torch.randperm(len(batch.scores), generator=generator).tolist()
         for start in range(0, len(order), local_minibatch):
-            minibatch = order[start : start + local_minibatch] if first is None else first.rows.tolist()
+            # the kept pass ran on the rows in their order: it is the one minibatch (asserted above)
+            minibatch = order[start : start + local_minibatch] if first is None else list(range(len(order)))
             # every loss term is a mean over the minibatch's tokens on all processes together
             num_tokens = accelerator.reduce(batch.mask[minibatch].sum(), "sum").clamp(min=1)
             stats: dict[str, float] = {}
             for m in range(accumulation):
                 rows = torch.tensor(minibatch[m * algo.micro_batch_size : (m + 1) * algo.micro_batch_size], device=accelerator.device)
-                outputs = None
-                if first is not None:  # used once, then let go: its logits are (B, T, V)
-                    outputs, first.logits, first.values, first = (first.logits, first.values), None, None, None
                 with accelerator.no_sync(model) if m < accumulation - 1 else contextlib.nullcontext():
-                    loss, named = minibatch_loss(model, algorithm, batch, rows, config, num_tokens, beta, bf16, outputs)
-                    del outputs
+                    loss, named = minibatch_loss(model, algorithm, batch, rows, config, num_tokens, beta, bf16, first)
+                    first = None
                     accelerator.backward(loss * accelerator.num_processes)  # DDP averages over processes
                 for key, value in named.items():
                     stats[key] = stats.get(key, 0.0) + value.item()
@@ -611,7 +611,7 @@ def train(config: RLConfig, algorithm: Algorithm) -> Path:
                 metrics.update(update_epochs(model, algorithm, optimizer, scheduler, batch, config, accelerator, bf16, generator, kl_controller.beta, first))
             kl_controller.update(metrics["kl/sequence"], config.algo.batch_size * K)
             engine.sync(unwrapped.policy)
-        first = None  # the kept pass, used or not (a guard stopped the run): its graph and logits go
+        first = None  # the kept pass, used or not (a guard stopped the run): its graph goes
         metrics.update({**timings, **training.peak_memory()})
         window.append(metrics["score/mean"])
         tracker.log(step, metrics)
